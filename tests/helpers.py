@@ -1,0 +1,51 @@
+"""Small builders shared by the tests: learnable token files and launcher-free run commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_token_dir(path: Path, vocab: int = 128, n_train: int = 40_000, n_valid: int = 4_000, seed: int = 0) -> Path:
+    """A step0-style tokens/ dir whose text is learnable: runs of counting sequences with random starts
+    and strides, separated by EOS (id 1), so a nano model's loss falls within a few dozen steps."""
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+
+    def stream(n: int) -> np.ndarray:
+        out: list[int] = []
+        while len(out) < n:
+            start, stride, length = rng.integers(2, vocab), rng.integers(1, 4), rng.integers(8, 40)
+            out.extend(((start + stride * np.arange(length)) % (vocab - 2) + 2).tolist())
+            out.append(1)
+        return np.array(out[:n], dtype=np.uint16)
+
+    train, valid = stream(n_train), stream(n_valid)
+    train.tofile(path / "train.bin")
+    valid.tofile(path / "validation.bin")
+    meta = {"dtype": "uint16", "vocab_size": vocab, "eos_token_id": 1,
+            "num_tokens": {"train": n_train, "validation": n_valid},
+            "num_chars": {"train": 2 * n_train, "validation": 2 * n_valid}}
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a child training process: no inherited launcher variables, 1 thread each
+    when two processes share the two cores."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(extra)
+    return env
+
+
+def run_python(args: list[str], timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=clean_env(**env), capture_output=True,
+                          text=True, timeout=timeout)

@@ -1,0 +1,102 @@
+"""Data order and loading shared by every step.
+
+`MicroBatchPlan` decides which rows each rank sees, so that runs with the same global batch see the same
+rows whatever the split across processes and accumulation steps: micro-batch k of epoch e on rank r is
+rows perm_e[(k * world + r) * micro : ... + micro], perm_e a seeded permutation. One process with micro
+batch 8 and two processes with micro batch 4 therefore cover the same 8 rows per step, and so does one
+process with micro batch 1 and 8 accumulation steps. The position in the data is one integer (micro
+batches consumed this epoch), which makes resume exact.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from utils.errors import UserError
+
+
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    """Seeded, rank-aware order of micro-batches over a dataset of `num_rows` rows."""
+
+    num_rows: int
+    micro_batch: int
+    world_size: int
+    rank: int
+    seed: int
+    shuffle: bool = True
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        """Micro-batches each rank gets per epoch (the last partial global micro-batch is dropped)."""
+        return self.num_rows // (self.micro_batch * self.world_size)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_rows)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+
+    def rows(self, epoch: int, k: int, perm: np.ndarray | None = None) -> list[int]:
+        """Row indices of this rank's micro-batch `k` in `epoch`."""
+        perm = self.permutation(epoch) if perm is None else perm
+        start = (k * self.world_size + self.rank) * self.micro_batch
+        return perm[start:start + self.micro_batch].tolist()
+
+    def iterate(self, epoch: int, start: int = 0) -> Iterator[tuple[int, list[int]]]:
+        """(k, rows) for micro-batches k = start, start+1, ... of `epoch`."""
+        perm = self.permutation(epoch)
+        for k in range(start, self.micro_batches_per_epoch):
+            yield k, self.rows(epoch, k, perm)
+
+
+def shard_rows(num_rows: int, world_size: int, rank: int) -> list[int]:
+    """Evaluation rows of this rank: every world_size-th row, so all ranks together cover each row once."""
+    return list(range(rank, num_rows, world_size))
+
+
+class PackedTokens(torch.utils.data.Dataset):
+    """Fixed-length windows over a flat token file written by step0 (memory-mapped, nanoGPT style).
+
+    Row i is tokens[i*T : (i+1)*T] with T = seq_len; documents are separated by <|endoftext|> inside it.
+    """
+
+    def __init__(self, bin_path: str | Path, seq_len: int, dtype: str):
+        path = Path(bin_path)
+        if not path.is_file():
+            raise UserError(f"{path}: token file not found: run step0 (bash training_scripts/step0.sh) first")
+        self.tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+        self.seq_len = seq_len
+        if len(self.tokens) < seq_len:
+            raise UserError(f"{path}: holds {len(self.tokens)} tokens, fewer than --max_seq_len={seq_len}")
+
+    def __len__(self) -> int:
+        return len(self.tokens) // self.seq_len
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        window = np.asarray(self.tokens[i * self.seq_len:(i + 1) * self.seq_len], dtype=np.int64)
+        ids = torch.from_numpy(window)
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+def read_token_meta(tokens_dir: str | Path) -> dict[str, Any]:
+    """The meta.json beside step0's packed token files."""
+    meta_path = Path(tokens_dir) / "meta.json"
+    if not meta_path.is_file():
+        raise UserError(f"{tokens_dir}: no meta.json: point --data_path at step0's tokens/ dir")
+    return json.loads(meta_path.read_text(encoding="utf-8"))
+
+
+def stack_collate(rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack equal-length rows into (B, T) tensors."""
+    return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+
+
+def gather_batch(dataset: Any, rows: list[int], collate: Callable[[list[Any]], dict[str, torch.Tensor]]):
+    return collate([dataset[i] for i in rows])

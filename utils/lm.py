@@ -1,0 +1,67 @@
+"""The causal-LM training task (pretraining and SFT): next-token loss over label tokens, and held-out
+loss / perplexity / bits per character."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from utils.data import shard_rows
+from utils.dist import all_reduce_sum, get_rank, get_world_size
+from utils.losses import count_label_tokens, next_token_loss_sum
+from utils.trainer import LossOutput
+
+
+class CausalLMTask:
+    """Loss units are label tokens; `eval_dataset` rows are scored on every eval.
+
+    `chars_per_token` (characters of text per token in the held-out set) turns the loss in nats/token
+    into bits per character, a figure comparable across tokenizers.
+    """
+
+    def __init__(self, eval_dataset: Any, collate: Callable, eval_batch_size: int, eval_batches: int,
+                 chars_per_token: float | None = None):
+        self.eval_dataset, self.collate = eval_dataset, collate
+        self.eval_batch_size, self.eval_batches = eval_batch_size, eval_batches
+        self.chars_per_token = chars_per_token
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        return count_label_tokens(batch["labels"])
+
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        mask = batch.get("attention_mask")
+        return int(mask.sum().item()) if mask is not None else batch["input_ids"].numel()
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits  # (B, T, V)
+        return LossOutput(next_token_loss_sum(logits, batch["labels"]))
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        rows = shard_rows(len(self.eval_dataset), get_world_size(), get_rank())
+        size = self.eval_batch_size
+        # every rank runs the same number of forwards (ZeRO-3 gathers weights collectively): ranks with
+        # fewer rows score a stand-in row and drop its result
+        per_rank = -(-len(self.eval_dataset) // get_world_size())
+        n_batches = -(-per_rank // size)
+        if self.eval_batches:
+            n_batches = min(n_batches, self.eval_batches)
+        loss_sum, units = 0.0, 0
+        device = next(model.parameters()).device
+        for b in range(n_batches):
+            chunk = rows[b * size:(b + 1) * size]
+            batch = self.collate([self.eval_dataset[i] for i in (chunk or [0])])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = self.loss(model, batch).loss_sum.item()
+            if chunk:
+                loss_sum += out
+                units += self.units(batch)
+        loss_sum, units = all_reduce_sum(loss_sum), all_reduce_sum(units)
+        loss = loss_sum / max(units, 1)
+        result = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "eval_tokens": units}
+        if self.chars_per_token:
+            result["bits_per_char"] = loss / math.log(2) / self.chars_per_token
+        return result

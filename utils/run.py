@@ -1,0 +1,45 @@
+"""A step's output directory: writability check, resolved config, done marker (with the config hash, so
+run_all.sh can skip finished steps) and the summary."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from utils.config import config_dict
+from utils.errors import UserError
+
+DONE = "done"
+# options that do not change what a step produces
+_HASH_EXCLUDE = {"output_dir", "eval_interval", "eval_batches", "save_interval", "keep_last", "log_interval",
+                 "resume", "enable_tensorboard", "peak_tflops"}
+
+
+def prepare_output_dir(path: str | Path) -> Path:
+    """Create the output dir and prove it is writable, or raise UserError before any work is done."""
+    out = Path(path).expanduser().resolve()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise UserError(f"--output_dir {path}: not writable ({err.strerror}): choose a directory you can "
+                        "write to") from None
+    return out
+
+
+def config_hash(cfg: Any) -> str:
+    """Hash of the options that determine the step's result."""
+    relevant = {k: v for k, v in config_dict(cfg).items() if k not in _HASH_EXCLUDE}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_done(run_dir: Path, cfg: Any, summary: dict[str, Any]) -> None:
+    """Mark the step finished: `done` holds the config hash and the summary."""
+    payload = {"config_hash": config_hash(cfg), **summary}
+    tmp = run_dir / (DONE + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(run_dir / DONE)
