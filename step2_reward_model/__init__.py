@@ -1,0 +1,1 @@
+"""Step 2: the pairwise reward model (see main.py)."""
