@@ -1,0 +1,86 @@
+"""NaN/inf guard of the training loop, precision choice, and config-file handling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from step1_pretrain_sft.main import Step1Config
+from utils import dist as dist_mod
+from utils.config import parse_config, save_config
+from utils.data import PackedTokens, stack_collate
+from utils.dist import choose_precision
+from utils.engine import init_engine
+from utils.errors import UserError
+from utils.lm import CausalLMTask
+from utils.log import read_metrics
+from utils.model import create_causal_lm
+from utils.trainer import LossOutput, Trainer
+
+
+class PoisonedTask(CausalLMTask):
+    """Returns NaN for the micro-batches whose number is in `bad` (counting from 1)."""
+
+    def __init__(self, bad: set[int], *args):
+        super().__init__(*args)
+        self.bad, self.calls = bad, 0
+
+    def loss(self, model, batch) -> LossOutput:
+        self.calls += 1
+        out = super().loss(model, batch)
+        if self.calls in self.bad:
+            return LossOutput(out.loss_sum * float("nan"))
+        return out
+
+
+def run(tmp_path, token_dir, bad: set[int], max_bad: int = 3, steps: int = 6):
+    argv = ["--preset", "nano", "--data_path", str(token_dir), "--output_dir", str(tmp_path), "--max_seq_len", "32",
+            "--per_device_train_batch_size", "4", "--max_steps", str(steps), "--max_bad_steps", str(max_bad),
+            "--eval_interval", "0", "--save_interval", "0", "--enable_tensorboard", "false", "--dtype", "fp32"]
+    cfg = parse_config(Step1Config, argv)
+    train = PackedTokens(token_dir / "train.bin", 32, "uint16")
+    valid = PackedTokens(token_dir / "validation.bin", 32, "uint16")
+    engine = init_engine(create_causal_lm("nano", 128, 64, cfg.seed), cfg, choose_precision("fp32"), steps)
+    task = PoisonedTask(bad, valid, stack_collate, 4, 2)
+    trainer = Trainer(cfg, engine, train, stack_collate, task, precision=choose_precision("fp32"),
+                      total_steps=steps, flops_per_token=1.0, run_dir=tmp_path)
+    return trainer, trainer.fit()
+
+
+def test_nan_micro_batches_are_skipped_and_counted(dist, token_dir, tmp_path):
+    trainer, summary = run(tmp_path, token_dir, bad={2, 3})
+    assert summary["skipped_micro_batches"] == 2 and summary["steps"] == 6
+    records = read_metrics(tmp_path, "train")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert records[-1]["skipped"] == 2
+    for p in trainer.engine.module.parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_nan_in_a_row_aborts_naming_the_step(dist, token_dir, tmp_path):
+    with pytest.raises(UserError, match=r"NaN/inf in 3 micro-batches in a row at optimizer step 2"):
+        run(tmp_path, token_dir, bad={2, 3, 4}, max_bad=3)
+
+
+def test_precision_follows_cpu_capability(monkeypatch):
+    monkeypatch.setattr(dist_mod, "cpu_has_fast_bf16", lambda: False)
+    assert choose_precision("auto").name == "fp32"
+    monkeypatch.setattr(dist_mod, "cpu_has_fast_bf16", lambda: True)
+    auto = choose_precision("auto")
+    assert auto.name == "bf16" and auto.autocast and auto.deepspeed is None
+    assert choose_precision("fp32").name == "fp32"
+    with pytest.raises(UserError, match="fp16"):
+        choose_precision("fp16")
+
+
+def test_config_file_flags_override_and_unknown_keys(tmp_path):
+    (tmp_path / "c.yaml").write_text("learning_rate: 0.01\nzero_stage: 2\npreset: nano\n")
+    cfg = parse_config(Step1Config, ["--config", str(tmp_path / "c.yaml"), "--zero_stage", "1",
+                                     "--data_path", "d", "--output_dir", "o"])
+    assert (cfg.learning_rate, cfg.zero_stage, cfg.preset) == (0.01, 1, "nano")
+    save_config(cfg, tmp_path / "config.json")
+    again = parse_config(Step1Config, ["--config", str(tmp_path / "config.json")])
+    assert again == cfg
+    (tmp_path / "bad.yaml").write_text("learning_rat: 0.01\n")
+    with pytest.raises(UserError, match="unknown option 'learning_rat' \\(did you mean learning_rate\\?\\)"):
+        parse_config(Step1Config, ["--config", str(tmp_path / "bad.yaml")])
