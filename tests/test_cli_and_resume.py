@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import REPO, clean_env, run_python
 from safetensors.torch import load_file
 
-from helpers import REPO, clean_env, run_python
 from utils.log import read_metrics
 
 MAIN = "step1_pretrain_sft/main.py"
