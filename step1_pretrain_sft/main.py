@@ -1,17 +1,22 @@
-"""Step 1: pretrain a LLaMA-style model from scratch on step0's packed tokens.
+"""Step 1: pretrain a LLaMA-style model from scratch, then fine-tune it on conversations (SFT).
 
-Launch (any of these, from the repo root or from inside step1_pretrain_sft/):
+Launch (from the repo root or from inside step1_pretrain_sft/ as `main.py`):
     deepspeed --num_gpus 1 step1_pretrain_sft/main.py --stage pretrain --preset tiny \
-        --data_path outputs/demo/step0/tokens --tokenizer_path outputs/demo/step0/tokenizer \
-        --output_dir outputs/demo/step1_pretrain
-    python step1_pretrain_sft/main.py ...        (no launcher: one process)
-    bash training_scripts/step1_pretrain.sh
+        --data_path OUT/step0/tokens --tokenizer_path OUT/step0/tokenizer --output_dir OUT/step1_pretrain
+    deepspeed --num_gpus 1 step1_pretrain_sft/main.py --stage sft --model_name_or_path OUT/step1_pretrain/final \
+        --data_path OUT/data/sft --eval_task_dir OUT/data/eval --output_dir OUT/step1_sft
+    python step1_pretrain_sft/main.py ...            (one process, no launcher)
+    bash training_scripts/step1_pretrain.sh, bash training_scripts/step1_sft.sh
 
-Algorithm: next-token cross-entropy on fixed windows of --max_seq_len tokens cut from the flat token
-file (documents separated by <|endoftext|>), AdamW with warmup + cosine decay, gradient clipping and
-accumulation, ZeRO stage from --zero_stage. Every --eval_interval steps: held-out loss, perplexity and
-bits per character. Checkpoints every --save_interval steps; an interrupted run resumes on re-launch.
-The result is exported to OUTPUT/final/ (AutoModelForCausalLM + tokenizer).
+pretrain: next-token cross-entropy on fixed windows of --max_seq_len tokens cut from step0's flat token
+  file (documents separated by <|endoftext|>). Evaluation: held-out loss, perplexity, bits per character,
+  and a few sampled continuations.
+sft: conversations rendered with the tokenizer's ChatML template; loss only on assistant replies and their
+  <|im_end|> (utils.chat). Rows are right-padded, or packed several per row with --packing (no attention
+  across conversations). Optional LoRA (--lora_dim), merged into the weights on export. Evaluation:
+  held-out loss and greedy-decoding scores of the verifiable tasks in --eval_task_dir.
+Both: AdamW, warmup + cosine, clipping, accumulation, ZeRO from --zero_stage, checkpoints every
+--save_interval steps and resume on re-launch (utils.trainer), export to OUTPUT/final/.
 """
 
 from __future__ import annotations
@@ -24,43 +29,145 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python main.py` / `deepspeed main.py` from inside this folder
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch
+
+from step1_pretrain_sft.data import load_sft_split, render_rows
+from utils.chat import PackedCollator, PaddedCollator, pack_rows
 from utils.checkpoint import export_hf
 from utils.config import TrainConfig, option, parse_config, require, save_config
 from utils.data import PackedTokens, read_token_meta, stack_collate
 from utils.dist import choose_precision, get_world_size, init_distributed
 from utils.engine import init_engine
 from utils.errors import UserError, main_guard
+from utils.generation import SamplingConfig, generate_ids
 from utils.lm import CausalLMTask
 from utils.log import setup_logging
-from utils.model import check_vocab, count_parameters, create_causal_lm, flops_per_token, load_causal_lm
+from utils.model import (
+    apply_lora,
+    check_vocab,
+    count_parameters,
+    create_causal_lm,
+    flops_per_token,
+    load_causal_lm,
+)
 from utils.run import prepare_output_dir, write_done
+from utils.tasks import evaluate_tasks, load_task_evals
 from utils.trainer import Trainer, total_train_steps
 
 log = logging.getLogger("step1")
 
+SAMPLE_STARTS = ("中国", "这家酒店", "今天", "这本书")
+
 
 @dataclass
 class Step1Config(TrainConfig):
-    """Step 1: pretraining of a causal language model (DeepSpeed ZeRO)."""
+    """Step 1: pretraining (--stage pretrain) or supervised fine-tuning (--stage sft) of a causal LM."""
 
-    stage: str = option("pretrain", "Which stage to run.", choices=("pretrain",))
+    stage: str = option("pretrain", "Which stage to run.", choices=("pretrain", "sft"))
+    packing: bool = option(False, "SFT: pack several conversations per row (no attention across them).")
+    eval_task_dir: str = option("", "SFT: dir of held-out task files (<task>.jsonl) scored by generation.")
+    eval_task_samples: int = option(100, "SFT: prompts per held-out task scored at each evaluation.")
+    eval_max_new_tokens: int = option(96, "SFT: token limit of each generated held-out answer.")
 
     def validate(self) -> None:
         super().validate()
-        require(bool(self.data_path), "data_path", self.data_path, "give step0's tokens/ dir")
-        require(bool(self.model_name_or_path) != bool(self.preset), "preset", self.preset,
-                "give exactly one of --preset (train from scratch) or --model_name_or_path (continue)")
+        require(bool(self.data_path), "data_path", self.data_path,
+                "give step0's tokens/ dir (pretrain) or data_process's sft/ dir (sft)")
+        require(self.eval_task_samples >= 0, "eval_task_samples", self.eval_task_samples, "must be >= 0")
+        if self.stage == "pretrain":
+            require(bool(self.model_name_or_path) != bool(self.preset), "preset", self.preset,
+                    "give exactly one of --preset (train from scratch) or --model_name_or_path (continue)")
+        else:
+            require(bool(self.model_name_or_path), "model_name_or_path", self.model_name_or_path,
+                    "SFT starts from a model: give the pretraining export (OUT/step1_pretrain/final)")
+            require(not self.preset, "preset", self.preset, "SFT starts from --model_name_or_path, not a preset")
 
 
 def load_tokenizer(path: str):
-    """The step0 tokenizer (None when no path is given: the export then holds the model only)."""
-    if not path:
-        return None
+    """A tokenizer dir from step0 (or any HF model dir that holds one)."""
     from transformers import AutoTokenizer
 
     if not (Path(path) / "tokenizer_config.json").is_file():
-        raise UserError(f"--tokenizer_path {path}: no tokenizer_config.json: point it at step0's tokenizer/ dir")
+        raise UserError(f"{path}: no tokenizer_config.json: point --tokenizer_path at step0's tokenizer/ dir")
     return AutoTokenizer.from_pretrained(path)
+
+
+class PretrainTask(CausalLMTask):
+    """Held-out loss/ppl/bits-per-char plus sampled continuations of a few fixed starts."""
+
+    def __init__(self, tokenizer, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tokenizer = tokenizer
+
+    def evaluate(self, model) -> dict:
+        result: dict = super().evaluate(model)
+        if self.tokenizer is not None:
+            prompts = [self.tokenizer(s, add_special_tokens=False)["input_ids"] for s in SAMPLE_STARTS]
+            replies = generate_ids(model, self.tokenizer, prompts, SamplingConfig(48, 0.8, 50, 0.95, 1.0, 0),
+                                   synced_gpus=get_world_size() > 1)
+            result["samples"] = [s + self.tokenizer.decode(r) for s, r in zip(SAMPLE_STARTS, replies, strict=True)]
+            for sample in result["samples"]:
+                log.info("sample: %s", sample.replace("\n", "⏎"))
+        return result
+
+
+class SFTTask(CausalLMTask):
+    """Held-out loss plus greedy-decoding scores on the verifiable held-out tasks."""
+
+    def __init__(self, tokenizer, task_sets, cfg: Step1Config, *args):
+        super().__init__(*args)
+        self.tokenizer, self.task_sets, self.cfg = tokenizer, task_sets, cfg
+
+    def evaluate(self, model) -> dict:
+        result = super().evaluate(model) if len(self.eval_dataset) else {}
+        if self.task_sets:
+            result.update(evaluate_tasks(model, self.tokenizer, self.task_sets, self.cfg.per_device_eval_batch_size,
+                                         self.cfg.eval_max_new_tokens))
+        return result
+
+
+def build_model(cfg: Step1Config, vocab_size: int, tokenizer_len: int | None):
+    if cfg.model_name_or_path:
+        model = load_causal_lm(cfg.model_name_or_path)
+    else:
+        model = create_causal_lm(cfg.preset, vocab_size, max(cfg.max_seq_len, 256), cfg.seed)
+    check_vocab(model.config.vocab_size, vocab_size, f"--data_path {cfg.data_path}")
+    if tokenizer_len is not None:
+        check_vocab(model.config.vocab_size, tokenizer_len, "the tokenizer")
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.lora_dim:
+        model = apply_lora(model, cfg.lora_dim, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_module_name)
+    return model
+
+
+def pretrain_data(cfg: Step1Config, tokenizer):
+    meta = read_token_meta(cfg.data_path)
+    train = PackedTokens(Path(cfg.data_path) / "train.bin", cfg.max_seq_len, meta["dtype"])
+    valid = PackedTokens(Path(cfg.data_path) / "validation.bin", cfg.max_seq_len, meta["dtype"])
+    chars, tokens = meta.get("num_chars", {}).get("validation"), meta.get("num_tokens", {}).get("validation")
+    task = PretrainTask(tokenizer, valid, stack_collate, cfg.per_device_eval_batch_size, cfg.eval_batches,
+                        chars_per_token=chars / tokens if chars and tokens else None)
+    return train, stack_collate, task, meta["vocab_size"]
+
+
+def sft_data(cfg: Step1Config, tokenizer):
+    train = render_rows(load_sft_split(cfg.data_path, "train"), tokenizer, cfg.max_seq_len, "train")
+    valid_rows = load_sft_split(cfg.data_path, "validation", required=False)
+    valid = render_rows(valid_rows, tokenizer, cfg.max_seq_len, "validation") if valid_rows else []
+    if cfg.packing:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        train = pack_rows([train[i] for i in order], cfg.max_seq_len)
+        collate = PackedCollator(tokenizer.pad_token_id)
+        valid = pack_rows(valid, cfg.max_seq_len)
+    else:
+        collate = PaddedCollator(tokenizer.pad_token_id)
+    task_sets = load_task_evals(cfg.eval_task_dir, cfg.eval_task_samples) if cfg.eval_task_dir else {}
+    if cfg.eval_task_dir and not task_sets:
+        raise UserError(f"--eval_task_dir {cfg.eval_task_dir}: no t1_sentiment/t2_segmentation/t3_ner .jsonl "
+                        "files there: point it at data_process's eval/ dir or leave it empty")
+    task = SFTTask(tokenizer, task_sets, cfg, valid, collate, cfg.per_device_eval_batch_size, cfg.eval_batches)
+    return train, collate, task, len(tokenizer)
 
 
 @main_guard
@@ -71,35 +178,32 @@ def main(argv: list[str] | None = None) -> dict:
     init_distributed()
     precision = choose_precision(cfg.dtype)
 
-    meta = read_token_meta(cfg.data_path)
-    train = PackedTokens(Path(cfg.data_path) / "train.bin", cfg.max_seq_len, meta["dtype"])
-    valid = PackedTokens(Path(cfg.data_path) / "validation.bin", cfg.max_seq_len, meta["dtype"])
-    tokenizer = load_tokenizer(cfg.tokenizer_path)
-
-    if cfg.model_name_or_path:
-        model = load_causal_lm(cfg.model_name_or_path)
+    tokenizer_path = cfg.tokenizer_path or cfg.model_name_or_path
+    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
+    if cfg.stage == "sft" and tokenizer is None:
+        raise UserError("--stage sft needs a tokenizer: give --tokenizer_path or a model dir that holds one")
+    if cfg.stage == "pretrain":
+        train, collate, task, vocab_size = pretrain_data(cfg, tokenizer)
     else:
-        model = create_causal_lm(cfg.preset, meta["vocab_size"], max(cfg.max_seq_len, 256), cfg.seed)
-    check_vocab(model.config.vocab_size, meta["vocab_size"], f"--data_path {cfg.data_path}")
-    if tokenizer is not None:
-        check_vocab(model.config.vocab_size, len(tokenizer), f"--tokenizer_path {cfg.tokenizer_path}")
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        train, collate, task, vocab_size = sft_data(cfg, tokenizer)
+    model = build_model(cfg, vocab_size, len(tokenizer) if tokenizer is not None else None)
+
     n_params = count_parameters(model)
-    fpt = flops_per_token(n_params, model.config.num_hidden_layers, model.config.hidden_size, cfg.max_seq_len)
+    base = model.config
+    fpt = flops_per_token(n_params, base.num_hidden_layers, base.hidden_size, cfg.max_seq_len)
     total_steps = total_train_steps(cfg, len(train))
-    save_config(cfg, run_dir / "config.json", extra={"world_size": get_world_size(), "precision": precision.name,
-                                                      "parameters": n_params, "total_steps": total_steps})
-    log.info("model: %.2fM parameters, %d steps, precision %s", n_params / 1e6, total_steps, precision.name)
+    save_config(cfg, run_dir / "config.json", extra={
+        "world_size": get_world_size(), "precision": precision.name, "parameters": n_params,
+        "trainable_parameters": count_parameters(model, trainable_only=True), "total_steps": total_steps,
+        "train_rows": len(train)})
+    log.info("%s: %.2fM parameters, %d rows, %d steps, %s", cfg.stage, n_params / 1e6, len(train), total_steps,
+             precision.name)
 
     engine = init_engine(model, cfg, precision, total_steps)
-    chars = meta.get("num_chars", {}).get("validation")
-    tokens = meta.get("num_tokens", {}).get("validation")
-    task = CausalLMTask(valid, stack_collate, cfg.per_device_eval_batch_size, cfg.eval_batches,
-                        chars_per_token=chars / tokens if chars and tokens else None)
-    summary = Trainer(cfg, engine, train, stack_collate, task, precision=precision, total_steps=total_steps,
+    summary = Trainer(cfg, engine, train, collate, task, precision=precision, total_steps=total_steps,
                       flops_per_token=fpt, run_dir=run_dir).fit()
-    export_hf(engine.module, run_dir / "final", zero_stage=cfg.zero_stage, tokenizer=tokenizer)
+    export_hf(engine.module, run_dir / "final", zero_stage=cfg.zero_stage, tokenizer=tokenizer,
+              lora_scale=cfg.lora_alpha / cfg.lora_dim if cfg.lora_dim else None)
     summary["parameters"] = n_params
     write_done(run_dir, cfg, summary)
     return summary

@@ -26,3 +26,10 @@ def dist():
 @pytest.fixture(scope="session")
 def token_dir(tmp_path_factory) -> Path:
     return make_token_dir(tmp_path_factory.mktemp("tokens"))
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(tmp_path_factory):
+    from helpers import make_chat_tokenizer
+
+    return make_chat_tokenizer(tmp_path_factory.mktemp("tokenizer"))

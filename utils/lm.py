@@ -37,7 +37,7 @@ class CausalLMTask:
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs).logits  # (B, T, V)
+        logits = model(**inputs, use_cache=False).logits  # (B, T, V)
         return LossOutput(next_token_loss_sum(logits, batch["labels"]))
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:

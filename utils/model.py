@@ -61,6 +61,9 @@ def check_model_dir(path: str | Path, expect: str) -> dict[str, Any]:
     architectures = config.get("architectures") or []
     if not any(arch.endswith(suffix) for arch in architectures):
         found = ", ".join(architectures) or "no architectures entry"
+        kinds = [desc for suf, desc in KINDS.values() if any(a.endswith(suf) for a in architectures)]
+        if kinds:
+            found += f", {kinds[0]}"
         raise UserError(f"{path}: holds {found}, but this step needs {description}")
     return config
 

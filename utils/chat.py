@@ -1,0 +1,130 @@
+"""The one renderer from conversations to training ids, used by every stage that trains on chats.
+
+`render_chat` applies the tokenizer's own chat template (ChatML from step0) and marks as labels exactly
+the tokens of assistant replies, including their closing <|im_end|>; the role headers, system and user
+turns and the newline after <|im_end|> are -100. Token spans come from the fast tokenizer's character
+offsets over the rendered text, so the ids are those of tokenizing the whole conversation at once.
+
+Batch layouts (collators below):
+  padded: input_ids (B, T) right-padded with pad_token_id, attention_mask (B, T), labels (B, T) -100 on pads
+  packed: several conversations per row; input_ids (B, T), labels (B, T), position_ids (B, T) restarting
+          at 0 for every conversation and no attention_mask: transformers then builds a block-diagonal
+          causal mask, so no token attends across conversations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from utils.errors import UserError
+from utils.losses import IGNORE_INDEX
+
+ROLES = ("system", "user", "assistant")
+
+
+def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
+    """Validate one conversation: a list of {"role", "content"} with at least one assistant turn."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise UserError(f"{where}: message {i} must be {{'role': one of {', '.join(ROLES)}, "
+                            f"'content': str}}, got {str(m)[:80]!r}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError(f"{where}: no assistant message, so nothing to learn from")
+    return messages
+
+
+def _template(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]], max_len: int | None = None) -> dict[str, list[int]]:
+    """ids and labels of one conversation (truncated to `max_len` tokens from the right)."""
+    text = _template(tokenizer, messages, False)
+    spans: list[tuple[int, int]] = []  # character spans that carry loss
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _template(tokenizer, messages[:i], True)
+        through = _template(tokenizer, messages[:i + 1], False)
+        if not text.startswith(before) or not text.startswith(through):
+            raise UserError("the tokenizer's chat template is not prefix-stable; use step0's ChatML tokenizer")
+        end = len(through.rstrip("\n"))  # the reply and its end marker, not the newline after it
+        spans.append((len(before), end))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    labels = [IGNORE_INDEX] * len(ids)
+    for j, (start, end) in enumerate(encoded["offset_mapping"]):
+        if end > start and any(s <= start and end <= e for s, e in spans):
+            labels[j] = ids[j]
+    if max_len is not None:
+        ids, labels = ids[:max_len], labels[:max_len]
+    return {"input_ids": ids, "labels": labels}
+
+
+def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Ids of a conversation followed by the assistant header: what generation continues from."""
+    return tokenizer(_template(tokenizer, messages, True), add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class PaddedCollator:
+    """Right-pads rendered rows to the longest in the batch (layout in the module docstring)."""
+
+    pad_token_id: int
+
+    def __call__(self, rows: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pack_rows(rows: Sequence[dict[str, list[int]]], max_len: int) -> list[dict[str, list[int]]]:
+    """Greedily concatenate rendered conversations (in the given order) into rows of <= max_len tokens,
+    with position_ids restarting at 0 for each conversation."""
+    packed: list[dict[str, list[int]]] = []
+    current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for r in rows:
+        n = len(r["input_ids"])
+        if current["input_ids"] and len(current["input_ids"]) + n > max_len:
+            packed.append(current)
+            current = {"input_ids": [], "labels": [], "position_ids": []}
+        current["input_ids"] += r["input_ids"]
+        current["labels"] += r["labels"]
+        current["position_ids"] += list(range(n))
+    if current["input_ids"]:
+        packed.append(current)
+    return packed
+
+
+@dataclass
+class PackedCollator:
+    """Pads packed rows to the longest; the padding continues the positions of a last pseudo-sequence
+    (layout in the module docstring)."""
+
+    pad_token_id: int
+
+    def __call__(self, rows: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            positions[i, :n] = torch.tensor(r["position_ids"])
+            positions[i, n:] = torch.arange(width - n)
+        return {"input_ids": ids, "position_ids": positions, "labels": labels}

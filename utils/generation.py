@@ -1,0 +1,118 @@
+"""Batched chat generation shared by chat.py, the SFT task evaluation, serve.py and make_pairs.py.
+
+Prompts are conversations rendered with the tokenizer's chat template plus the assistant header, left-
+padded into one batch, and continued with transformers' generate (KV cache) until <|im_end|> (or
+<|endoftext|>) or max_new_tokens. Sampling with a seed runs inside a forked RNG, so it is reproducible and
+leaves the caller's random state (and so exact training resume) untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from utils.chat import prompt_ids
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick tokens; temperature 0 means greedy decoding."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    def generate_kwargs(self) -> dict:
+        kwargs: dict = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+        if self.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_k=self.top_k or None,
+                          top_p=self.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        return kwargs
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Ids that end a reply: <|im_end|> and the tokenizer's eos (<|endoftext|>)."""
+    ids = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+    return [i for i in dict.fromkeys(ids) if i is not None and i != tokenizer.unk_token_id]
+
+
+def _left_pad(rows: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, prompts: Sequence[list[int]], sampling: SamplingConfig,
+                 synced_gpus: bool = False, streamer=None) -> list[list[int]]:
+    """New token ids for each prompt (stop token and padding removed)."""
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(prompts, tokenizer.pad_token_id, device)
+    stops = stop_token_ids(tokenizer)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(sampling.seed)
+        out = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=stops,
+                             pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus, streamer=streamer,
+                             **sampling.generate_kwargs())
+    replies = []
+    for row in out[:, ids.shape[1]:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+        replies.append(row[:cut])
+    return replies
+
+
+def generate_replies(model, tokenizer, conversations: Sequence[list[dict[str, str]]], sampling: SamplingConfig,
+                     batch_size: int = 16, synced_gpus: bool = False) -> list[str]:
+    """The assistant's next reply to each conversation, in batches of `batch_size`."""
+    replies: list[str] = []
+    for start in range(0, len(conversations), batch_size):
+        chunk = [prompt_ids(tokenizer, c) for c in conversations[start:start + batch_size]]
+        for reply in generate_ids(model, tokenizer, chunk, sampling, synced_gpus):
+            replies.append(tokenizer.decode(reply, skip_special_tokens=True))
+    return replies
+
+
+class CallbackStreamer:
+    """A transformers streamer that hands each newly decoded piece of text to `on_text` (for terminals
+    and server-sent events); the prompt is skipped and text stops at the first stop token."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.stops = set(stop_token_ids(tokenizer))
+        self.tokens: list[int] = []
+        self.printed = 0
+        self.prompt_seen = False
+        self.stopped = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate first pushes the prompt
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            if self.stopped or token in self.stops:
+                self.stopped = True
+                continue
+            self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            return
+        if len(text) > self.printed:
+            self.on_text(text[self.printed:])
+            self.printed = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if len(text) > self.printed:
+            self.on_text(text[self.printed:])
+            self.printed = len(text)
