@@ -50,7 +50,7 @@ from utils.model import (
     flops_per_token,
     load_causal_lm,
 )
-from utils.run import prepare_output_dir, write_done
+from utils.run import finished_run, prepare_output_dir, write_done
 from utils.tasks import evaluate_tasks, load_task_evals
 from utils.trainer import Trainer, total_train_steps
 
@@ -176,6 +176,10 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     run_dir = prepare_output_dir(cfg.output_dir)
     init_distributed()
+    finished = finished_run(run_dir, cfg)
+    if finished is not None:
+        log.info("%s already holds a finished %s run of this config: skipped (--force to redo)", run_dir, cfg.stage)
+        return finished
     precision = choose_precision(cfg.dtype)
 
     tokenizer_path = cfg.tokenizer_path or cfg.model_name_or_path

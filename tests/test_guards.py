@@ -84,3 +84,18 @@ def test_config_file_flags_override_and_unknown_keys(tmp_path):
     (tmp_path / "bad.yaml").write_text("learning_rat: 0.01\n")
     with pytest.raises(UserError, match="unknown option 'learning_rat' \\(did you mean learning_rate\\?\\)"):
         parse_config(Step1Config, ["--config", str(tmp_path / "bad.yaml")])
+
+
+def test_finished_run_is_skipped_unless_forced(dist, token_dir, tmp_path):
+    from step1_pretrain_sft.main import main as step1_main
+
+    argv = ["--preset", "nano", "--data_path", str(token_dir), "--output_dir", str(tmp_path), "--max_seq_len", "32",
+            "--max_steps", "3", "--eval_interval", "0", "--enable_tensorboard", "false", "--dtype", "fp32"]
+    first = step1_main(argv)
+    stamp = (tmp_path / "final" / "model.safetensors").stat().st_mtime_ns
+    again = step1_main(argv)
+    assert again["config_hash"] and again["steps"] == first["steps"] == 3
+    assert (tmp_path / "final" / "model.safetensors").stat().st_mtime_ns == stamp  # nothing re-run
+    step1_main([*argv, "--force"])
+    assert (tmp_path / "final" / "model.safetensors").stat().st_mtime_ns != stamp
+    assert len(read_metrics(tmp_path, "train")) == 3  # a fresh run, not a resume on top of the old one

@@ -94,6 +94,8 @@ class TrainConfig:
     keep_last: int = option(2, "Checkpoints kept on disk (older ones are deleted).")
     log_interval: int = option(1, "Write a metrics line every N optimizer steps.")
     resume: bool = option(True, "Resume from the last complete checkpoint in output_dir if there is one.")
+    force: bool = option(False, "Run again even if output_dir holds a finished run of the same config "
+                                "(its checkpoints and export are deleted first).")
     max_bad_steps: int = option(5, "Abort after this many optimizer steps in a row with NaN/inf loss.")
     enable_tensorboard: bool = option(True, "Write TensorBoard events to output_dir/tb.")
     peak_tflops: float = option(0.0, "Hardware peak TFLOP/s for the MFU figure; 0 = measure/guess.")

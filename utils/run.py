@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from utils.errors import UserError
 
 DONE = "done"
 # options that do not change what a step produces
-_HASH_EXCLUDE = {"output_dir", "eval_interval", "eval_batches", "save_interval", "keep_last", "log_interval",
+_HASH_EXCLUDE = {"output_dir", "force", "eval_interval", "eval_batches", "save_interval", "keep_last", "log_interval",
                  "resume", "enable_tensorboard", "peak_tflops"}
 
 
@@ -29,6 +30,28 @@ def prepare_output_dir(path: str | Path) -> Path:
         raise UserError(f"--output_dir {path}: not writable ({err.strerror}): choose a directory you can "
                         "write to") from None
     return out
+
+
+def finished_run(run_dir: Path, cfg: Any) -> dict[str, Any] | None:
+    """The done marker's summary if `run_dir` holds a finished run of this config (and --force is off).
+
+    With --force, the previous run's done marker, checkpoints and export are removed so it starts afresh.
+    """
+    done = run_dir / DONE
+    if getattr(cfg, "force", False):
+        from utils.dist import barrier, is_rank0
+
+        if is_rank0():
+            done.unlink(missing_ok=True)
+            for sub in ("checkpoints", "final"):
+                shutil.rmtree(run_dir / sub, ignore_errors=True)
+        barrier()
+        return None
+    if done.is_file():
+        payload = json.loads(done.read_text(encoding="utf-8"))
+        if payload.get("config_hash") == config_hash(cfg):
+            return payload
+    return None
 
 
 def config_hash(cfg: Any) -> str:

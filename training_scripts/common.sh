@@ -1,0 +1,39 @@
+# Sourced by every step script: repo paths, the Python to use, the launcher, and `run` (print, then exec).
+# Knobs (environment): OUTPUT (default outputs/demo), NUM_GPUS (processes per node, default 1),
+# HOSTFILE (DeepSpeed hostfile for multi-node), LAUNCHER=python to run without the deepspeed launcher,
+# MASTER_PORT, FAST=1 (smoke-sized runs), FORCE=1 (redo finished steps).
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PY:-$REPO/.venv/bin/python}"
+[ -x "$PY" ] || PY="$(command -v python3)"
+OUTPUT="${OUTPUT:-$REPO/outputs/demo}"
+case "$OUTPUT" in /*) ;; *) OUTPUT="$PWD/$OUTPUT" ;; esac
+NUM_GPUS="${NUM_GPUS:-1}"
+FAST="${FAST:-0}"
+export PYTHONUNBUFFERED=1
+
+# launch SCRIPT ARGS...: through the deepspeed launcher (as DeepSpeed-Chat does) unless LAUNCHER=python
+launch() {
+    local script="$1"; shift
+    local cmd
+    if [ "${LAUNCHER:-deepspeed}" = "python" ]; then
+        cmd=("$PY" "$script" "$@")
+    elif [ -n "${HOSTFILE:-}" ]; then
+        cmd=("$PY" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}" "$script" "$@")
+    else
+        cmd=("$PY" -m deepspeed.launcher.runner --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" "$script" "$@")
+    fi
+    echo "+ ${cmd[*]}" >&2
+    "${cmd[@]}"
+}
+
+# run ARGS...: print the resolved command, then run it
+run() {
+    echo "+ $*" >&2
+    "$@"
+}
+
+# force_flag: --force when FORCE=1, so a finished step (done marker, same config) runs again
+force_flag() {
+    if [ "${FORCE:-0}" = "1" ]; then echo "--force"; fi
+}
