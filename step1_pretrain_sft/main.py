@@ -130,7 +130,7 @@ def build_model(cfg: Step1Config, vocab_size: int, tokenizer_len: int | None):
     if cfg.model_name_or_path:
         model = load_causal_lm(cfg.model_name_or_path)
     else:
-        model = create_causal_lm(cfg.preset, vocab_size, max(cfg.max_seq_len, 256), cfg.seed)
+        model = create_causal_lm(cfg.preset, vocab_size, max(cfg.max_seq_len, 2048), cfg.seed)
     check_vocab(model.config.vocab_size, vocab_size, f"--data_path {cfg.data_path}")
     if tokenizer_len is not None:
         check_vocab(model.config.vocab_size, tokenizer_len, "the tokenizer")
