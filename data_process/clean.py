@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 _URL = re.compile(r"(?:https?://|www\.)[\w./?%&=#:~+-]+", re.IGNORECASE)
 
+_DOUBLE_SPACE = re.compile(" {2,}")  # left behind where a pattern was stripped
+
 FILTERS = ("empty", "pattern", "boilerplate", "too_short", "too_long", "reserved", "exact_duplicate",
            "near_duplicate")
 
@@ -146,7 +148,7 @@ class Cleaner:
         text = normalize(text, self.opts.simplified)
         for pattern in self._strip:
             text = pattern.sub("", text)
-        return [line.strip() for line in text.split("\n")]
+        return [_DOUBLE_SPACE.sub(" ", line).strip() for line in text.split("\n")]
 
     def count_lines(self, docs: Iterable[Doc]) -> None:
         """Pass 1: count every normalised line, so pass 2 can tell boilerplate (lines repeated more than

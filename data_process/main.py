@@ -48,8 +48,8 @@ class DataConfig:
                            choices=("auto", "line", "paragraph"))
     seed: int = option(1234, "Seed of the hash order that decides every split.")
     demo_scale: float = option(1.0, "Fraction of the demo data to use (every split count scales with it).")
-    data_split: list[float] = option([2.0, 4.0, 4.0], "DeepSpeed-Chat style weights of phases 1,2,3 "
-                                                      "(SFT, reward model, PPO) for user rows.")
+    data_split: str = option("2,4,4", "DeepSpeed-Chat style comma-separated weights of phases 1,2,3 "
+                                      "(SFT, reward model, PPO) for user rows.")
     eval_ratio: float = option(0.02, "Fraction of user rows held out as eval sets.")
     validation_ratio: float = option(0.03, "Fraction of sft/preference units in the validation split.")
     pretrain_validation_ratio: float = option(0.03, "Fraction of pretraining documents in validation.")
@@ -74,7 +74,11 @@ class DataConfig:
     def validate(self) -> None:
         require(bool(self.output_dir), "output_dir", self.output_dir, "give a directory to write to")
         require(0 < self.demo_scale <= 1, "demo_scale", self.demo_scale, "must be in (0, 1]")
-        require(len(self.data_split) == 3 and all(w >= 0 for w in self.data_split) and sum(self.data_split) > 0,
+        try:
+            weights = self.split_weights()
+        except ValueError:
+            weights = []
+        require(len(weights) == 3 and all(w >= 0 for w in weights) and sum(weights) > 0,
                 "data_split", self.data_split, "give three non-negative weights, e.g. 2,4,4")
         for name in ("eval_ratio", "validation_ratio", "pretrain_validation_ratio"):
             value = getattr(self, name)
@@ -93,6 +97,9 @@ class DataConfig:
                     re.compile(pattern)
                 except re.error as err:
                     require(False, name, pattern, f"not a valid regular expression ({err})")
+
+    def split_weights(self) -> list[float]:
+        return [float(w) for w in self.data_split.split(",")]
 
     def clean_options(self, reserved: Reserved) -> CleanOptions:
         return CleanOptions(
@@ -116,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         work = tmp / ".work"
         opts = cfg.clean_options(reserved)
         if cfg.input:
-            stats = build_user(cfg.input, cfg.txt_mode, opts, work, tmp, cfg.seed, cfg.data_split,
+            stats = build_user(cfg.input, cfg.txt_mode, opts, work, tmp, cfg.seed, cfg.split_weights(),
                                cfg.eval_ratio, cfg.validation_ratio)
         else:
             cleaner = Cleaner(opts, work)

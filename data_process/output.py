@@ -1,6 +1,6 @@
 """Writing outputs safely: a run builds everything in a temporary directory next to the target and renames
-it into place at the end, so a failed run never leaves a half-written output behind. Rows stream to
-JSON-lines files first and become Hugging Face datasets (save_to_disk) at the end, so memory stays flat.
+it into place at the end, so a failed run never leaves a half-written output behind. Rows stream straight
+into the Arrow files of a save_to_disk layout, so memory stays flat.
 """
 
 from __future__ import annotations
@@ -13,15 +13,18 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import datasets
+from datasets.arrow_writer import ArrowWriter
 
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
+SHARD = "data-00000-of-00001.arrow"
 MARKER = "stats.json"  # every output dir this toolkit writes has one; only such dirs are ever replaced
 
 FEATURES = {
@@ -85,40 +88,37 @@ def atomic_output_dir(target: str | Path) -> Iterator[Path]:
 
 
 class DatasetWriter:
-    """Collects the rows of one dataset (pretrain, sft, preference or prompts) split by split in JSON-lines
-    files, then saves them as a DatasetDict with the dataset's fixed columns."""
+    """Streams the rows of one dataset (pretrain, sft, preference or prompts) into Arrow files laid out
+    exactly as `DatasetDict.save_to_disk` lays them out (one shard per split), so memory and RSS stay
+    flat however many rows there are (save_to_disk would re-read a memory-mapped copy of everything)."""
 
     def __init__(self, root: Path, name: str):
         self.name = name
         self.dir = root / name
-        self.dir.mkdir(parents=True)
+        self.features = FEATURES[name]
         self.counts = dict.fromkeys(SPLITS[name], 0)
-        self.files = {split: open(self.dir / f".{split}.jsonl", "w", encoding="utf-8") for split in self.counts}  # noqa: SIM115 (closed in finish)
+        self.writers = {}
+        for split in self.counts:
+            (self.dir / split).mkdir(parents=True)
+            self.writers[split] = ArrowWriter(features=self.features, path=str(self.dir / split / SHARD),
+                                              writer_batch_size=1000)
 
     def add(self, split: str, row: dict[str, Any]) -> None:
-        self.files[split].write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.writers[split].write(row)
         self.counts[split] += 1
 
     def finish(self, stats: dict[str, Any]) -> dict[str, Any]:
-        """Write the DatasetDict and its stats.json (`stats` plus count_out per split); return the stats."""
-        features = FEATURES[self.name]
-        cache = self.dir / ".cache"
-        splits = {}
-        for split, handle in self.files.items():
-            handle.close()
-            path = self.dir / f".{split}.jsonl"
-            if self.counts[split]:
-                splits[split] = datasets.Dataset.from_json(str(path), features=features, cache_dir=str(cache))
-            else:
-                splits[split] = datasets.Dataset.from_dict({k: [] for k in features}, features=features)
-        datasets.DatasetDict(splits).save_to_disk(str(self.dir / "data"))
-        for split in self.files:
-            (self.dir / f".{split}.jsonl").unlink()
-        shutil.rmtree(cache, ignore_errors=True)
-        # save_to_disk wants an empty target: write to data/, then lift its contents up one level
-        for item in (self.dir / "data").iterdir():
-            os.replace(item, self.dir / item.name)
-        (self.dir / "data").rmdir()
+        """Close the shards, write the save_to_disk metadata and stats.json (`stats` plus count_out)."""
+        info = asdict(datasets.DatasetInfo(features=self.features))
+        for split, writer in self.writers.items():
+            writer.finalize()
+            writer.close()
+            state = {"_data_files": [{"filename": SHARD}], "_fingerprint": f"{self.name}-{split}-{self.counts[split]}",
+                     "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
+                     "_output_all_columns": False, "_split": None}
+            write_json(self.dir / split / "state.json", state)
+            write_json(self.dir / split / "dataset_info.json", info)
+        write_json(self.dir / "dataset_dict.json", {"splits": list(self.counts)})
         stats = {**stats, "count_out": dict(self.counts)}
         write_json(self.dir / "stats.json", stats)
         log.info("%s: %s", self.name, stats["count_out"])
