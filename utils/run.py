@@ -61,8 +61,14 @@ def config_hash(cfg: Any) -> str:
 
 
 def write_done(run_dir: Path, cfg: Any, summary: dict[str, Any]) -> None:
-    """Mark the step finished: `done` holds the config hash and the summary."""
+    """Mark the step finished: `done` holds the config hash and the summary (rank 0 writes it)."""
+    from utils.dist import barrier, is_rank0
+
+    if not is_rank0():
+        barrier()
+        return
     payload = {"config_hash": config_hash(cfg), **summary}
     tmp = run_dir / (DONE + ".tmp")
     tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False), encoding="utf-8")
     tmp.replace(run_dir / DONE)
+    barrier()
