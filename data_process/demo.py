@@ -7,10 +7,10 @@ paragraph is one *unit*; units are drawn in a seeded hash order into exactly one
 model (preference), PPO prompts, pretraining. A unit never feeds two of them, so no text crosses splits.
 
 Allocation (counts at --demo_scale 1; every count is scaled):
-  eval        T1 150+150, T4 50/category, T5 100+100, T6 100+100, P1 50 pairs/category, PPO 50 of each
+  eval        P1 50 pairs/category, T1 150+150, T4 50/category, T5 100+100, T6 100+100, PPO 50 of each
               T5/T6 polarity; 300 paragraphs -> T2, T3 and their P2 pairs
-  sft         T1 1000+1000, T4 500/category, T5 750+750, T6 500+500; 4000 paragraphs -> T2 3000, T3 3000
   preference  P1 600 length-matched pairs/category (+ T1 flips of 300 of them); 2000 paragraphs -> P2
+  sft         T1 1000+1000, T4 500/category, T5 750+750, T6 500+500; 4000 paragraphs -> T2 3000, T3 3000
   prompts     T5 300+300 topics, T6 300+300 prefixes
   pretrain    every remaining unit
 Paragraph sentences that occur in more than one paragraph (or in a reserved one) are never task items.
@@ -216,8 +216,7 @@ class DemoBuilder:
         made, flips = 0, 0
         for cat in CATEGORIES:
             chosen = pos.take(self.n(per_category), lambda u, c=cat: u.cat == c)
-            candidates = sorted(neg.take(2 * self.n(per_category), lambda u, c=cat: u.cat == c),
-                                key=lambda u: len(u.text))
+            candidates = sorted(neg.take(len(neg.units), lambda u, c=cat: u.cat == c), key=lambda u: len(u.text))
             lengths = [len(u.text) for u in candidates]
             unmatched = []
             for p in chosen:
@@ -292,11 +291,12 @@ class DemoBuilder:
         neg = Pool([r for r in reviews if r.label == "neg"])
         eval_counts = {"t1": 150, "t4": 50, "t5": 100, "t6": 100}
         sft_counts = {"t1": 1000, "t4": 500, "t5": 750, "t6": 500}
-        self.review_tasks(pos, neg, True, eval_counts)
+        # category-matched negatives are scarce (book: ~1.1k), so the pairs draw right after eval
         self.review_pairs(pos, neg, 50, 0, True)
+        self.review_tasks(pos, neg, True, eval_counts)
         self.ppo_prompts(pos, neg, 50, True)
-        self.review_tasks(pos, neg, False, sft_counts)
         self.review_pairs(pos, neg, 600, 300, False)
+        self.review_tasks(pos, neg, False, sft_counts)
         self.ppo_prompts(pos, neg, 300, False)
 
         paras = Pool(paragraphs)
