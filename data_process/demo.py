@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import xxhash
+from tqdm import tqdm
 
 from data_process.clean import Cleaner, Doc
 from data_process.output import DatasetWriter, EvalWriter
@@ -342,7 +343,8 @@ def build_demo(cleaner: Cleaner, reserved: Reserved, root: Path, seed: int, scal
     skipped: Counter[str] = Counter()
     cleaner.count_lines(demo_docs(reserved, scale, seed, Counter()))
     reviews, raw_paragraphs = [], []
-    for doc in cleaner.run(demo_docs(reserved, scale, seed, skipped)):
+    docs = tqdm(demo_docs(reserved, scale, seed, skipped), desc="clean demo", unit=" lines", mininterval=5)
+    for doc in cleaner.run(docs):
         if doc.source == "pd":
             raw_paragraphs.append((doc.text, parse_tagged(doc.extra)))
         else:

@@ -122,6 +122,9 @@ class DatasetWriter:
         stats = {**stats, "count_out": dict(self.counts)}
         write_json(self.dir / "stats.json", stats)
         log.info("%s: %s", self.name, stats["count_out"])
+        if not all(self.counts.values()):
+            log.warning("%s: empty split(s) %s: give more data before a step trains on them", self.name,
+                        [s for s, n in self.counts.items() if n == 0])
         return stats
 
 
