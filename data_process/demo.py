@@ -269,8 +269,8 @@ class DemoBuilder:
             if n3 > 0:
                 self.task("t3_ner", *t3_example(ner), p.text, to_eval)
                 n3 -= 1
-            seg = next((s for s in p.sentences if s is not ner), ner if to_eval else None)
-            if seg is not None and n2 > 0:
+            seg = next((s for s in p.sentences if s is not ner), ner)  # one sentence may serve both tasks
+            if n2 > 0:
                 self.task("t2_segmentation", *t2_example(seg), p.text, to_eval)
                 n2 -= 1
 

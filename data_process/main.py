@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         opts = cfg.clean_options(reserved)
         if cfg.input:
             stats = build_user(cfg.input, cfg.txt_mode, opts, work, tmp, cfg.seed, cfg.split_weights(),
-                               cfg.eval_ratio, cfg.validation_ratio)
+                               cfg.eval_ratio, cfg.validation_ratio, cfg.pretrain_validation_ratio)
         else:
             cleaner = Cleaner(opts, work)
             stats = build_demo(cleaner, reserved, tmp, cfg.seed, cfg.demo_scale, cfg.validation_ratio,

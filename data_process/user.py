@@ -57,18 +57,19 @@ class UserBuilder:
     """Routes cleaned user rows to the datasets and eval files."""
 
     def __init__(self, root: Path, seed: int, data_split: list[float], eval_ratio: float,
-                 validation_ratio: float):
+                 validation_ratio: float, pretrain_validation_ratio: float):
         self.seed, self.weights = seed, data_split
         self.eval_ratio, self.validation_ratio = eval_ratio, validation_ratio
+        self.pretrain_validation_ratio = pretrain_validation_ratio
         self.writers = {name: DatasetWriter(root, name) for name in ("pretrain", "sft", "preference", "prompts")}
         self.eval = EvalWriter(root)
 
-    def split(self, text: str) -> str:
-        return "validation" if unit_fraction(self.seed + 1, text) < self.validation_ratio else "train"
+    def split(self, text: str, ratio: float) -> str:
+        return "validation" if unit_fraction(self.seed + 1, text) < ratio else "train"
 
     def route(self, kind: str, data: dict[str, Any], text: str) -> None:
         if kind == "pretrain":
-            self.writers["pretrain"].add(self.split(text), {"text": data["text"]})
+            self.writers["pretrain"].add(self.split(text, self.pretrain_validation_ratio), {"text": data["text"]})
             return
         messages = data.get("messages") or [{"role": "user", "content": data["prompt"]}]
         last_user = next(m["content"] for m in reversed(messages) if m["role"] == "user") \
@@ -88,9 +89,9 @@ class UserBuilder:
             if kind == "preference":
                 messages = [{"role": "user", "content": data["prompt"]},
                             {"role": "assistant", "content": data["chosen"]}]
-            self.writers["sft"].add(self.split(text), {"messages": messages, "task": "user"})
+            self.writers["sft"].add(self.split(text, self.validation_ratio), {"messages": messages, "task": "user"})
         elif phase == 2:
-            self.writers["preference"].add(self.split(text), {**data, "kind": "user"})
+            self.writers["preference"].add(self.split(text, self.validation_ratio), {**data, "kind": "user"})
         elif phase == 3:
             self.writers["prompts"].add("train", {"prompt": first_user})
 
@@ -101,7 +102,8 @@ class UserBuilder:
 
 
 def build_user(inputs: list[str], txt_mode: str, opts: CleanOptions, workdir: Path, root: Path, seed: int,
-               data_split: list[float], eval_ratio: float, validation_ratio: float) -> dict[str, Any]:
+               data_split: list[float], eval_ratio: float, validation_ratio: float,
+               pretrain_validation_ratio: float) -> dict[str, Any]:
     """Read, clean and route every user row; return the stats. Structured rows skip the boilerplate
     filter (a shared instruction line is not boilerplate) and each kind dedups on its own."""
     record_opts = CleanOptions(**{**opts.__dict__, "boilerplate_max_repeats": 0})
@@ -119,7 +121,7 @@ def build_user(inputs: list[str], txt_mode: str, opts: CleanOptions, workdir: Pa
                 yield record.kind, Doc(joined(data), record.where, 0, data)
 
     cleaners["pretrain"].count_lines(doc for _, doc in docs("pretrain"))
-    builder = UserBuilder(root, seed, data_split, eval_ratio, validation_ratio)
+    builder = UserBuilder(root, seed, data_split, eval_ratio, validation_ratio, pretrain_validation_ratio)
     for kind, doc in tqdm(docs(), desc="clean", unit=" rows", mininterval=5):
         if cleaners[kind].keep(doc):
             builder.route(kind, doc.extra or {"text": doc.text}, doc.text)

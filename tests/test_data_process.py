@@ -189,7 +189,8 @@ def test_txt_modes(tmp_path):
     src = write(tmp_path / "a.txt", ["第一段第一行内容", "第一段第二行内容", "", "第二段内容在这里"])
     for mode, expected in (("line", 3), ("paragraph", 2), ("auto", 2)):
         out = tmp_path / mode
-        run_main(["--output_dir", out, "--input", src, "--txt_mode", mode, "--pretrain_validation_ratio", "0"])
+        run_main(["--output_dir", out, "--input", src, "--txt_mode", mode, "--pretrain_validation_ratio", "0",
+                  "--validation_ratio", "0.9"])
         assert len(load(out, "pretrain")["train"]) == expected
 
 
