@@ -122,6 +122,8 @@ def demo_docs(reserved: Reserved, scale: float, seed: int, skipped: Counter[str]
 
 @dataclass
 class Review:
+    """A cleaned review: label pos/neg (its file), category hotel/book/laptop or None, hash rank."""
+
     text: str
     label: str
     cat: str | None
@@ -130,6 +132,8 @@ class Review:
 
 @dataclass
 class Paragraph:
+    """A cleaned People's Daily paragraph and its sentences usable as task items."""
+
     text: str
     sentences: list[Sentence]
     rank: int
@@ -153,7 +157,7 @@ class DemoBuilder:
     """Allocates the cleaned units and writes every dataset and eval file."""
 
     def __init__(self, root: Path, seed: int, scale: float, validation_ratio: float, pretrain_validation_ratio: float):
-        self.root, self.seed, self.scale = root, seed, scale
+        self.seed, self.scale = seed, scale
         self.validation_ratio = validation_ratio
         self.pretrain_validation_ratio = pretrain_validation_ratio
         self.writers = {name: DatasetWriter(root, name) for name in ("pretrain", "sft", "preference", "prompts")}
@@ -176,7 +180,7 @@ class DemoBuilder:
         self.writers["sft"].add(self.split(unit), {
             "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
             "task": task})
-        self.used[f"sft/{task}"] += 1
+        self.used[task] += 1
 
     def pair(self, prompt: str, chosen: str, rejected: str, kind: str, unit: str, to_eval: bool) -> None:
         if to_eval:
@@ -210,11 +214,11 @@ class DemoBuilder:
                 prompt, rest = continuation(r.text, self.rng(r.text))
                 self.task("t6_continue", prompt, rest, r.text, to_eval)
 
-    def review_pairs(self, pos: Pool, neg: Pool, per_category: int, t1_flips: int, to_eval: bool) -> int:
+    def review_pairs(self, pos: Pool, neg: Pool, per_category: int, t1_flips: int, to_eval: bool) -> None:
         """P1: a category-only review prompt, chosen = positive, rejected = a negative review of the same
         category with length ratio in [0.75, 1.33] (else the RM learns "longer is better"); plus P2 pairs
-        that flip the T1 label of the first reviews used. Returns the pairs made."""
-        made, flips = 0, 0
+        that flip the T1 label of the first reviews used. Unmatched reviews go back to their pools."""
+        flips = 0
         for cat in CATEGORIES:
             chosen = pos.take(self.n(per_category), lambda u, c=cat: u.cat == c)
             candidates = sorted(neg.take(len(neg.units), lambda u, c=cat: u.cat == c), key=lambda u: len(u.text))
@@ -232,7 +236,6 @@ class DemoBuilder:
                 unit = p.text + r.text
                 prompt = review_prompt(T4 + T5, CATEGORY_TOPIC[cat], self.rng(unit))
                 self.pair(prompt, p.text, r.text, "review_sentiment", unit, to_eval)
-                made += 1
                 for u in (p, r):
                     if flips < self.n(t1_flips):
                         flips += 1
@@ -241,7 +244,6 @@ class DemoBuilder:
                                   to_eval)
             pos.units = sorted(pos.units + unmatched, key=lambda u: u.rank)
             neg.units = sorted(neg.units + candidates, key=lambda u: u.rank)
-        return made
 
     def ppo_prompts(self, pos: Pool, neg: Pool, count: int, to_eval: bool) -> None:
         """T5 topics and T6 prefixes of both polarities (eval rows carry the real review as reference)."""
@@ -314,7 +316,7 @@ class DemoBuilder:
         units = {"reviews": len(reviews), "paragraphs": len(paragraphs),
                  "pretrain_units": len(rest)}
         stats = {name: w.finish({**cleaning, "units": units}) for name, w in self.writers.items()}
-        stats["sft"]["tasks"] = {k.split("/", 1)[1]: v for k, v in sorted(self.used.items())}
+        stats["sft"]["tasks"] = dict(sorted(self.used.items()))
         stats["eval"] = self.eval.finish({**cleaning, "units": units})
         return stats
 

@@ -72,9 +72,8 @@ class UserBuilder:
             self.writers["pretrain"].add(self.split(text, self.pretrain_validation_ratio), {"text": data["text"]})
             return
         messages = data.get("messages") or [{"role": "user", "content": data["prompt"]}]
-        last_user = next(m["content"] for m in reversed(messages) if m["role"] == "user") \
-            if any(m["role"] == "user" for m in messages) else messages[0]["content"]
-        first_user = next((m["content"] for m in messages if m["role"] == "user"), last_user)
+        user_turns = [m["content"] for m in messages if m["role"] == "user"] or [messages[0]["content"]]
+        first_user, last_user = user_turns[0], user_turns[-1]  # PPO prompt; eval prompt of the final answer
         if unit_fraction(self.seed + 2, text) < self.eval_ratio:
             if kind == "preference":
                 self.eval.add("preference", {"task": "preference", "prompt": data["prompt"], "kind": "user",
