@@ -11,6 +11,7 @@ prompt+chosen+rejected -> preference | prompt -> PPO prompts.
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,8 +44,8 @@ def guess_encoding(raw: bytes) -> str:
     if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return "utf-16"
     for enc in ENCODING_GUESSES[1:]:
-        try:
-            raw.decode(enc)
+        try:  # incremental: a character cut at the end of the sample is not an error
+            codecs.getincrementaldecoder(enc)().decode(raw, final=False)
         except UnicodeDecodeError:
             continue
         return enc
