@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,14 +196,25 @@ def canonical(kind: str, row: dict[str, Any], where: str) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
 
 
+def _is_saved_dataset(path: Path) -> bool:
+    """A directory written by Dataset.save_to_disk or DatasetDict.save_to_disk."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
 def _files(path: Path) -> list[Path]:
     """The input files under one --input path (a directory is searched recursively, sorted)."""
     if not path.exists():
         raise UserError(f"--input {path}: not found; give an existing file or directory")
     if path.is_dir():
-        if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
+        if _is_saved_dataset(path):
             return [path]
-        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED)
+        found = []
+        for root, dirs, files in os.walk(path):
+            saved = [d for d in dirs if _is_saved_dataset(Path(root, d))]
+            found += [Path(root, d) for d in saved]
+            dirs[:] = sorted(d for d in dirs if d not in saved)  # don't read a saved dataset's own json files
+            found += [Path(root, f) for f in files if Path(f).suffix.lower() in SUPPORTED]
+        found.sort()
         if not found:
             raise UserError(f"--input {path}: directory holds no {', '.join(SUPPORTED)} files and is not a "
                             "datasets.save_to_disk directory")

@@ -158,9 +158,9 @@ def test_user_files_every_format_and_routing(tmp_path):
                                 for i in range(30)]).to_csv(str(src / "pairs.csv"))
     datasets.Dataset.from_list([{"prompt": f"讲一个故事{i}"} for i in range(30)]).to_parquet(str(src / "p.parquet"))
     datasets.Dataset.from_list([{"text": f"保存的文档{i},内容足够长。"} for i in range(10)]).save_to_disk(
-        str(tmp_path / "saved"))
+        str(src / "saved"))  # a save_to_disk dir inside an input dir is read as a dataset
     out = tmp_path / "out"
-    run_main(["--output_dir", out, "--input", src, tmp_path / "saved", "--data_split", "1,1,1",
+    run_main(["--output_dir", out, "--input", src, "--data_split", "1,1,1",
               "--eval_ratio", "0.1", "--validation_ratio", "0.1", "--min_chars", "3", "--near_dup_threshold", "0"])
     pretrain = load(out, "pretrain")
     texts = set(pretrain["train"]["text"]) | set(pretrain["validation"]["text"])
