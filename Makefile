@@ -27,6 +27,7 @@ demo: setup
 	bash training_scripts/run_all.sh
 
 bench: setup
+	@test -f bench/run.py || { echo "make bench: no benchmarks yet (bench/run.py, issue #10)" >&2; exit 1; }
 	$(PY) -m bench.run
 
 lint: setup

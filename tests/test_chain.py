@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from data_process.main import main as data_main
 from step0_tokenizer.main import main as step0_main
 from step1_pretrain_sft.main import main as step1_main
+from step2_reward_model.main import main as step2_main
+from step2_reward_model.rw_eval import main as rw_eval_main
 from utils.generation import SamplingConfig, generate_replies
 from utils.log import read_metrics
 
@@ -35,6 +37,10 @@ def chain(tmp_path_factory, dist):
                 "--eval_task_samples", "4", "--eval_max_new_tokens", "16", "--output_dir", str(out / "step1_sft"),
                 "--max_steps", "20", "--learning_rate", "2e-3", "--eval_interval", "20", "--save_interval", "10",
                 "--per_device_train_batch_size", "8", *COMMON])
+    step2_main(["--model_name_or_path", str(out / "step1_sft" / "final"), "--data_path", str(out / "data" / "preference"),
+                "--eval_pairs", str(out / "data" / "eval" / "preference.jsonl"), "--output_dir", str(out / "step2"),
+                "--max_steps", "15", "--learning_rate", "2e-3", "--eval_interval", "15", "--save_interval", "0",
+                "--per_device_train_batch_size", "8", *COMMON])
     return out
 
 
@@ -48,7 +54,7 @@ def test_data_to_tokenizer(chain):
 def test_pretraining_learns_and_exports(chain):
     train = read_metrics(chain / "step1_pretrain", "train")
     evals = read_metrics(chain / "step1_pretrain", "eval")
-    assert len(train) == 40 and evals[-1]["loss"] < evals[0]["loss"] < train[0]["loss"]
+    assert len(train) == 40 and evals[0]["step"] == 0 and evals[-1]["loss"] < evals[0]["loss"] - 0.5
     assert evals[-1]["bits_per_char"] > 0 and len(evals[-1]["samples"]) == 4
     model = AutoModelForCausalLM.from_pretrained(chain / "step1_pretrain" / "final")
     assert model.config.vocab_size == len(AutoTokenizer.from_pretrained(chain / "step1_pretrain" / "final"))
@@ -64,3 +70,13 @@ def test_sft_scores_tasks_and_chats(chain):
     replies = generate_replies(model, tok, [[{"role": "user", "content": "写一条关于这家酒店的评论。"}]],
                                SamplingConfig(max_new_tokens=8))
     assert len(replies) == 1 and isinstance(replies[0], str)
+
+
+def test_reward_model_trains_and_rw_eval_reads_the_export(chain):
+    evals = read_metrics(chain / "step2", "eval")
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 15
+    assert {"accuracy", "margin", "eval/accuracy", "eval/review_sentiment/accuracy"} <= set(evals[-1])
+    assert evals[-1]["loss"] < evals[0]["loss"]
+    report = rw_eval_main(["--model", str(chain / "step2" / "final"),
+                           "--pairs", str(chain / "data" / "eval" / "preference.jsonl")])
+    assert report["by_kind"]["all"]["accuracy"] == pytest.approx(evals[-1]["eval/accuracy"], abs=1e-9)

@@ -108,3 +108,14 @@ def test_sigkill_then_resume_is_bit_exact(token_dir, tmp_path):
     assert [{k: v for k, v in m.items() if k not in strip} for m in ma] == \
            [{k: v for k, v in m.items() if k not in strip} for m in mb]
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_launcher_from_inside_the_step_folder(token_dir, tmp_path):
+    """`cd step1_pretrain_sft && deepspeed --num_gpus 1 main.py ...`, as DeepSpeed-Chat users run it."""
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", "29613", "main.py",
+           *base_args(token_dir, tmp_path / "run"), "--max_steps", "2"]
+    r = subprocess.run(cmd, cwd=REPO / "step1_pretrain_sft", env=clean_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert len(read_metrics(tmp_path / "run", "train")) == 2
+    assert (tmp_path / "run" / "final" / "config.json").is_file()

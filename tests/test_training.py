@@ -77,3 +77,15 @@ def test_export_reloads_with_identical_logits(dist, token_dir, tmp_path, stage):
         expected = engine(input_ids=ids).logits
         got = exported(input_ids=ids).logits
     assert torch.equal(got, expected)
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(dist, token_dir, tmp_path):
+    a = pretrain(tmp_path / "plain", token_dir, "--max_steps", "4")
+    b = pretrain(tmp_path / "ckpt", token_dir, "--max_steps", "4", "--gradient_checkpointing")
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b, strict=True)) < 1e-6
+
+
+def test_optimizer_offload_matches_no_offload(dist, token_dir, tmp_path):
+    a = pretrain(tmp_path / "z2", token_dir, "--max_steps", "4", "--zero_stage", "2")
+    b = pretrain(tmp_path / "off", token_dir, "--max_steps", "4", "--zero_stage", "2", "--offload")
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b, strict=True)) < 1e-5

@@ -72,6 +72,15 @@ def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return tokenizer(_template(tokenizer, messages, True), add_special_tokens=False)["input_ids"]
 
 
+def render_response(tokenizer, prompt: str, response: str, max_len: int | None = None) -> list[int]:
+    """Ids of the exchange (user: prompt, assistant: response) ending at the reply's <|im_end|>, the token a
+    reward model scores. Too long: the start of the prompt is cut, so the reply and its end survive."""
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    text = _template(tokenizer, messages, False).rstrip("\n")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[-max_len:] if max_len is not None else ids
+
+
 @dataclass
 class PaddedCollator:
     """Right-pads rendered rows to the longest in the batch (layout in the module docstring)."""

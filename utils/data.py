@@ -98,5 +98,22 @@ def stack_collate(rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Te
     return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
 
 
-def gather_batch(dataset: Any, rows: list[int], collate: Callable[[list[Any]], dict[str, torch.Tensor]]):
-    return collate([dataset[i] for i in rows])
+def sharded_eval_batches(dataset: Any, collate: Callable, batch_size: int, max_batches: int, device,
+                         ) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
+    """(batch, real) over this rank's share of `dataset` (every world-th row).
+
+    Every rank yields the same number of batches, since ZeRO-3 gathers weights collectively in each
+    forward: a rank that has run out of rows gets a stand-in batch with real=False, to be ignored.
+    """
+    from utils.dist import get_rank, get_world_size
+
+    world = get_world_size()
+    rows = shard_rows(len(dataset), world, get_rank())
+    per_rank = -(-len(dataset) // world)
+    n_batches = -(-per_rank // batch_size)
+    if max_batches:
+        n_batches = min(n_batches, max_batches)
+    for b in range(n_batches):
+        chunk = rows[b * batch_size:(b + 1) * batch_size]
+        batch = collate([dataset[i] for i in (chunk or [0])])
+        yield {k: v.to(device) for k, v in batch.items()}, bool(chunk)

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from utils.data import shard_rows
-from utils.dist import all_reduce_sum, get_rank, get_world_size
+from utils.data import sharded_eval_batches
+from utils.dist import all_reduce_sum
 from utils.losses import count_label_tokens, next_token_loss_sum
 from utils.trainer import LossOutput
 
@@ -41,22 +41,12 @@ class CausalLMTask:
         return LossOutput(next_token_loss_sum(logits, batch["labels"]))
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        rows = shard_rows(len(self.eval_dataset), get_world_size(), get_rank())
-        size = self.eval_batch_size
-        # every rank runs the same number of forwards (ZeRO-3 gathers weights collectively): ranks with
-        # fewer rows score a stand-in row and drop its result
-        per_rank = -(-len(self.eval_dataset) // get_world_size())
-        n_batches = -(-per_rank // size)
-        if self.eval_batches:
-            n_batches = min(n_batches, self.eval_batches)
         loss_sum, units = 0.0, 0
         device = next(model.parameters()).device
-        for b in range(n_batches):
-            chunk = rows[b * size:(b + 1) * size]
-            batch = self.collate([self.eval_dataset[i] for i in (chunk or [0])])
-            batch = {k: v.to(device) for k, v in batch.items()}
+        for batch, real in sharded_eval_batches(self.eval_dataset, self.collate, self.eval_batch_size,
+                                                self.eval_batches, device):
             out = self.loss(model, batch).loss_sum.item()
-            if chunk:
+            if real:
                 loss_sum += out
                 units += self.units(batch)
         loss_sum, units = all_reduce_sum(loss_sum), all_reduce_sum(units)

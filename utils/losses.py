@@ -26,3 +26,20 @@ def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 def count_label_tokens(labels: torch.Tensor) -> int:
     """Positions that carry a next-token loss (the units next_token_loss_sum sums over)."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum().item())
+
+
+def pairwise_reward_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                         center_coef: float = 0.0) -> torch.Tensor:
+    """Per-pair loss of a reward model (Bradley-Terry), shape (P,) from scores of shape (P,).
+
+    loss = -log sigmoid(r_chosen - r_rejected - margin) + center_coef * (r_chosen + r_rejected)^2
+    InstructGPT (Ouyang et al. 2022, eq. 1); the per-pair margin of Llama 2 (Touvron et al. 2023, eq. 2);
+    the centring term keeps scores near 0 (Eisenstein et al. 2023, "Helping or Herding").
+    """
+    diff = r_chosen - r_rejected
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff)
+    if center_coef:
+        loss = loss + center_coef * (r_chosen + r_rejected) ** 2
+    return loss

@@ -228,6 +228,9 @@ class Trainer:
         last_eval: dict[str, float] = {}
         train_time, start_tokens, wall_start = 0.0, self.state.tokens, time.perf_counter()
         record: dict[str, Any] = {}
+        if not resumed and self.cfg.eval_interval:  # the baseline every later evaluation is compared with
+            last_eval = self.evaluate()
+            metrics_log.log({"step": 0, "kind": "eval", **last_eval})
         while self.state.step < self.total_steps:
             t0 = time.perf_counter()
             record = self._train_step(stream)

@@ -1,0 +1,129 @@
+"""Evaluate a reward model export.
+
+    python step2_reward_model/rw_eval.py --model OUT/step2_reward/final --pairs OUT/data/eval/preference.jsonl
+        accuracy (r_chosen > r_rejected), mean scores, mean margin and loss, per kind, and the hardest pairs
+    python step2_reward_model/rw_eval.py --model OUT/step2_reward/final --prompts rows.jsonl
+        scores rows {"prompt", "response"} and prints them from best to worst
+Add --out FILE.json to also write the figures (and per-row scores) as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from step2_reward_model.data import load_pairs
+from utils.chat import render_response
+from utils.config import option, parse_config, require
+from utils.errors import UserError, main_guard
+from utils.losses import pairwise_reward_loss
+from utils.reward import load_reward_model, sequence_rewards
+from utils.tasks import read_jsonl
+
+
+@dataclass
+class EvalConfig:
+    """Score preference pairs or prompt/response rows with a reward model."""
+
+    model: str = option("", "Reward model dir exported by step2 (its final/ dir).")
+    pairs: str = option("", "JSONL of pairs {prompt, chosen, rejected} (or a preference dataset dir).")
+    prompts: str = option("", "JSONL of rows {prompt, response} to score.")
+    max_seq_len: int = option(512, "Tokens kept per scored sequence (the start of the prompt is cut).")
+    batch_size: int = option(16, "Sequences per forward pass.")
+    show: int = option(5, "How many hardest pairs / best and worst rows to print.")
+    out: str = option("", "Optional JSON file for the figures and per-row scores.")
+
+    def validate(self) -> None:
+        require(bool(self.model), "model", self.model, "give a reward model dir (OUT/step2_reward/final)")
+        require(bool(self.pairs) != bool(self.prompts), "pairs", self.pairs, "give exactly one of --pairs or --prompts")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        require(self.max_seq_len >= 8, "max_seq_len", self.max_seq_len, "must be >= 8")
+
+
+@torch.no_grad()
+def score(model, tokenizer, sequences: list[list[int]], batch_size: int) -> list[float]:
+    """Reward of each token sequence (right-padded batches)."""
+    scores: list[float] = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(chunk):
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+        scores += sequence_rewards(model, ids, mask).tolist()
+    return scores
+
+
+def pair_report(cfg: EvalConfig, model, tokenizer) -> dict:
+    pairs = load_pairs(cfg.pairs, "validation" if Path(cfg.pairs).is_dir() else "train")
+    def side(which: str) -> list[float]:
+        seqs = [render_response(tokenizer, p.prompt, getattr(p, which), cfg.max_seq_len) for p in pairs]
+        return score(model, tokenizer, seqs, cfg.batch_size)
+
+    chosen, rejected = side("chosen"), side("rejected")
+    losses = pairwise_reward_loss(torch.tensor(chosen), torch.tensor(rejected)).tolist()
+    report: dict = {"pairs": len(pairs), "by_kind": {}}
+    for kind in ["all", *sorted({p.kind for p in pairs} - {"all"})]:
+        idx = [i for i, p in enumerate(pairs) if kind == "all" or p.kind == kind]
+        n = len(idx)
+        report["by_kind"][kind] = {
+            "pairs": n,
+            "accuracy": sum(chosen[i] > rejected[i] for i in idx) / n,
+            "reward_chosen": sum(chosen[i] for i in idx) / n,
+            "reward_rejected": sum(rejected[i] for i in idx) / n,
+            "margin": sum(chosen[i] - rejected[i] for i in idx) / n,
+            "loss": sum(losses[i] for i in idx) / n,
+        }
+    hardest = sorted(range(len(pairs)), key=lambda i: chosen[i] - rejected[i])[:cfg.show]
+    report["hardest"] = [{"prompt": pairs[i].prompt, "chosen": pairs[i].chosen, "rejected": pairs[i].rejected,
+                          "kind": pairs[i].kind, "margin": chosen[i] - rejected[i]} for i in hardest]
+    report["scores"] = [{"chosen": c, "rejected": r} for c, r in zip(chosen, rejected, strict=True)]
+    print(f"{'kind':<20}{'pairs':>7}{'accuracy':>10}{'chosen':>9}{'rejected':>10}{'margin':>9}{'loss':>8}")
+    for kind, m in report["by_kind"].items():
+        print(f"{kind:<20}{m['pairs']:>7}{m['accuracy']:>10.4f}{m['reward_chosen']:>9.3f}"
+              f"{m['reward_rejected']:>10.3f}{m['margin']:>9.3f}{m['loss']:>8.4f}")
+    print(f"\nhardest {len(hardest)} pairs (smallest margin first):")
+    for h in report["hardest"]:
+        print(f"  margin {h['margin']:+.3f} [{h['kind']}] {h['prompt'][:40]!r}\n"
+              f"    chosen:   {h['chosen'][:60]!r}\n    rejected: {h['rejected'][:60]!r}")
+    return report
+
+
+def prompt_report(cfg: EvalConfig, model, tokenizer) -> dict:
+    rows = read_jsonl(cfg.prompts)
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
+            raise UserError(f"{cfg.prompts}:{i + 1}: needs string fields 'prompt' and 'response'")
+    scores = score(model, tokenizer, [render_response(tokenizer, r["prompt"], r["response"], cfg.max_seq_len)
+                                      for r in rows], cfg.batch_size)
+    ranked = sorted(({**r, "reward": s} for r, s in zip(rows, scores, strict=True)), key=lambda r: -r["reward"])
+    print(f"{len(rows)} rows, mean reward {sum(scores) / max(len(scores), 1):.4f}")
+    for r in ranked:
+        print(f"{r['reward']:+8.3f}  {r['prompt'][:30]!r} -> {r['response'][:60]!r}")
+    return {"rows": len(rows), "mean_reward": sum(scores) / max(len(scores), 1), "scored": ranked}
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(EvalConfig, argv, prog="step2_reward_model/rw_eval.py")
+    from transformers import AutoTokenizer
+
+    model = load_reward_model(cfg.model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    report = pair_report(cfg, model, tokenizer) if cfg.pairs else prompt_report(cfg, model, tokenizer)
+    if cfg.out:
+        Path(cfg.out).write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+    return report
+
+
+if __name__ == "__main__":
+    main()
