@@ -12,7 +12,7 @@ Allocation (counts at --demo_scale 1; every count is scaled):
   preference  P1 600 length-matched pairs/category (+ T1 flips of 300 of them); 2000 paragraphs -> P2
   sft         T1 1000+1000, T4 500/category, T5 750+750, T6 500+500; 4000 paragraphs -> T2 3000, T3 3000
   prompts     T5 300+300 topics, T6 300+300 prefixes
-  pretrain    every remaining unit
+  pretrain    every remaining unit (with --pretrain_task_text also the SFT and preference train units)
 Paragraph sentences that occur in more than one paragraph (or in a reserved one) are never task items.
 """
 
@@ -156,8 +156,11 @@ class Pool:
 class DemoBuilder:
     """Allocates the cleaned units and writes every dataset and eval file."""
 
-    def __init__(self, root: Path, seed: int, scale: float, validation_ratio: float, pretrain_validation_ratio: float):
+    def __init__(self, root: Path, seed: int, scale: float, validation_ratio: float, pretrain_validation_ratio: float,
+                 pretrain_task_text: bool):
         self.seed, self.scale = seed, scale
+        self.pretrain_task_text = pretrain_task_text
+        self.task_train_texts: set[str] = set()
         self.validation_ratio = validation_ratio
         self.pretrain_validation_ratio = pretrain_validation_ratio
         self.writers = {name: DatasetWriter(root, name) for name in ("pretrain", "sft", "preference", "prompts")}
@@ -176,19 +179,28 @@ class DemoBuilder:
         return "validation" if unit_fraction(self.seed + 1, text) < ratio else "train"
 
     # -- rows -------------------------------------------------------------------------------------------
+    def train_split(self, units: tuple[str, ...]) -> str:
+        """The split of a row made from `units` (source texts); train units are remembered for
+        --pretrain_task_text."""
+        split = self.split("".join(units))
+        if split == "train":
+            self.task_train_texts.update(units)
+        return split
+
     def sft(self, task: str, prompt: str, answer: str, unit: str) -> None:
-        self.writers["sft"].add(self.split(unit), {
+        self.writers["sft"].add(self.train_split((unit,)), {
             "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
             "task": task})
         self.used[task] += 1
 
-    def pair(self, prompt: str, chosen: str, rejected: str, kind: str, unit: str, to_eval: bool) -> None:
+    def pair(self, prompt: str, chosen: str, rejected: str, kind: str, units: tuple[str, ...],
+             to_eval: bool) -> None:
         if to_eval:
             self.eval.add("preference", {"task": "preference", "prompt": prompt,
                                          "reference": {"chosen": chosen, "rejected": rejected}, "kind": kind})
         else:
-            self.writers["preference"].add(self.split(unit), {"prompt": prompt, "chosen": chosen,
-                                                              "rejected": rejected, "kind": kind})
+            self.writers["preference"].add(self.train_split(units), {"prompt": prompt, "chosen": chosen,
+                                                                     "rejected": rejected, "kind": kind})
 
     def task(self, task: str, prompt: str, answer: str, unit: str, to_eval: bool) -> None:
         if to_eval:
@@ -233,14 +245,14 @@ class DemoBuilder:
                 j = min(range(lo, hi), key=lambda k: abs(lengths[k] - len(p.text)))
                 r = candidates.pop(j)
                 lengths.pop(j)
-                unit = p.text + r.text
-                prompt = review_prompt(T4 + T5, CATEGORY_TOPIC[cat], self.rng(unit))
-                self.pair(prompt, p.text, r.text, "review_sentiment", unit, to_eval)
+                units = (p.text, r.text)
+                prompt = review_prompt(T4 + T5, CATEGORY_TOPIC[cat], self.rng(p.text + r.text))
+                self.pair(prompt, p.text, r.text, "review_sentiment", units, to_eval)
                 for u in (p, r):
                     if flips < self.n(t1_flips):
                         flips += 1
                         wrong = LABELS["neg" if u.label == "pos" else "pos"]
-                        self.pair(T1.format(review=u.text), LABELS[u.label], wrong, "corrupted_answer", unit,
+                        self.pair(T1.format(review=u.text), LABELS[u.label], wrong, "corrupted_answer", units,
                                   to_eval)
             pos.units = sorted(pos.units + unmatched, key=lambda u: u.rank)
             neg.units = sorted(neg.units + candidates, key=lambda u: u.rank)
@@ -283,10 +295,10 @@ class DemoBuilder:
             rng = self.rng(s.text)
             if i % 2 == 0:
                 prompt, gold = t2_example(s)
-                self.pair(prompt, gold, corrupt_segmentation(s, rng), "corrupted_answer", p.text, to_eval)
+                self.pair(prompt, gold, corrupt_segmentation(s, rng), "corrupted_answer", (p.text,), to_eval)
             else:
                 prompt, gold = t3_example(s)
-                self.pair(prompt, gold, corrupt_entities(s, rng), "corrupted_answer", p.text, to_eval)
+                self.pair(prompt, gold, corrupt_entities(s, rng), "corrupted_answer", (p.text,), to_eval)
 
     # -- the whole allocation ---------------------------------------------------------------------------
     def build(self, reviews: list[Review], paragraphs: list[Paragraph], cleaning: dict[str, Any]) -> dict:
@@ -312,9 +324,12 @@ class DemoBuilder:
         rest = [u.text for u in pos.units + neg.units + paras.units]
         for text in sorted(rest, key=lambda t: rank_key(self.seed, t)):
             self.writers["pretrain"].add(self.split(text, self.pretrain_validation_ratio), {"text": text})
+        if self.pretrain_task_text:  # train split only: validation and eval text stays unseen
+            for text in sorted(self.task_train_texts, key=lambda t: rank_key(self.seed, t)):
+                self.writers["pretrain"].add("train", {"text": text})
 
-        units = {"reviews": len(reviews), "paragraphs": len(paragraphs),
-                 "pretrain_units": len(rest)}
+        units = {"reviews": len(reviews), "paragraphs": len(paragraphs), "pretrain_units": len(rest),
+                 "pretrain_task_units": len(self.task_train_texts) if self.pretrain_task_text else 0}
         stats = {name: w.finish({**cleaning, "units": units}) for name, w in self.writers.items()}
         stats["sft"]["tasks"] = dict(sorted(self.used.items()))
         stats["eval"] = self.eval.finish({**cleaning, "units": units})
@@ -340,7 +355,7 @@ def reserved_paragraph_words(reserved: Reserved) -> list[list[tuple[str, str]]]:
 
 
 def build_demo(cleaner: Cleaner, reserved: Reserved, root: Path, seed: int, scale: float,
-               validation_ratio: float, pretrain_validation_ratio: float) -> dict[str, Any]:
+               validation_ratio: float, pretrain_validation_ratio: float, pretrain_task_text: bool) -> dict[str, Any]:
     """Clean the demo sources, allocate units and write everything under `root`; return the stats."""
     skipped: Counter[str] = Counter()
     cleaner.count_lines(demo_docs(reserved, scale, seed, Counter()))
@@ -360,5 +375,5 @@ def build_demo(cleaner: Cleaner, reserved: Reserved, root: Path, seed: int, scal
                            **cleaning["removed"]}
     log.info("demo units: %d reviews (%s), %d paragraphs", len(reviews),
              dict(Counter((r.label, r.cat) for r in reviews)), len(paragraphs))
-    return DemoBuilder(root, seed, scale, validation_ratio, pretrain_validation_ratio).build(
+    return DemoBuilder(root, seed, scale, validation_ratio, pretrain_validation_ratio, pretrain_task_text).build(
         reviews, paragraphs, cleaning)

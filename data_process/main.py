@@ -53,6 +53,8 @@ class DataConfig:
     eval_ratio: float = option(0.02, "Fraction of user rows held out as eval sets.")
     validation_ratio: float = option(0.03, "Fraction of sft/preference units in the validation split.")
     pretrain_validation_ratio: float = option(0.03, "Fraction of pretraining documents in validation.")
+    pretrain_task_text: bool = option(False, "Demo: also pretrain on the reviews and paragraphs behind the SFT and "
+                                             "preference train splits (+0.6 M characters; never validation/eval).")
     min_chars: int = option(5, "Drop documents shorter than this (characters, after cleaning).")
     max_chars: int = option(20_000, "Drop documents longer than this (characters).")
     boilerplate_max_repeats: int = option(5, "A line seen more than this many times in the input is "
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             cleaner = Cleaner(opts, work)
             stats = build_demo(cleaner, reserved, tmp, cfg.seed, cfg.demo_scale, cfg.validation_ratio,
-                               cfg.pretrain_validation_ratio)
+                               cfg.pretrain_validation_ratio, cfg.pretrain_task_text)
             cleaner.close()
         shutil.rmtree(work)
         save_config(cfg, tmp / "config.json")

@@ -432,6 +432,18 @@ def test_demo_scale_is_deterministic_and_small(tmp_path):
     assert all_rows(a)["sft/train"] != rows_b["sft/train"]
 
 
+def test_pretrain_task_text_adds_train_units_only(tmp_path):
+    run_main(["--output_dir", tmp_path / "d", "--demo_scale", "0.05", "--pretrain_task_text"])
+    rows = all_rows(tmp_path / "d")
+    pretrain = {squash(r["text"]) for r in rows["pretrain/train"]}
+    reviews = {u for r in rows["sft/train"] if r["task"] in ("t1_sentiment", "t4_positive_review", "t5_review",
+                                                              "t6_continue") for u in units("sft/train", r)}
+    assert reviews and reviews <= pretrain
+    held_out = {u for g, group in rows.items() if g.startswith("eval/") or g.endswith("/validation")
+                for r in group for u in units(g, r)}
+    assert held_out and not held_out & pretrain
+
+
 # ---------------------------------------------------------------------------------------------------------
 # streaming: memory does not grow with the input
 
