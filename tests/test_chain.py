@@ -78,5 +78,5 @@ def test_reward_model_trains_and_rw_eval_reads_the_export(chain):
     assert {"accuracy", "margin", "eval/accuracy", "eval/review_sentiment/accuracy"} <= set(evals[-1])
     assert evals[-1]["loss"] < evals[0]["loss"]
     report = rw_eval_main(["--model", str(chain / "step2" / "final"),
-                           "--pairs", str(chain / "data" / "eval" / "preference.jsonl")])
+                           "--pairs", str(chain / "data" / "eval" / "preference.jsonl"), "--max_seq_len", "128"])
     assert report["by_kind"]["all"]["accuracy"] == pytest.approx(evals[-1]["eval/accuracy"], abs=1e-9)

@@ -25,4 +25,4 @@ launch "$REPO/step2_reward_model/main.py" \
     "${STEPS[@]}" $(force_flag) \
     --output_dir "$OUTPUT/step2_reward"
 run "$PY" "$REPO/step2_reward_model/rw_eval.py" --model "$OUTPUT/step2_reward/final" \
-    --pairs "$OUTPUT/data/eval/preference.jsonl" --out "$OUTPUT/step2_reward/rw_eval.json"
+    --pairs "$OUTPUT/data/eval/preference.jsonl" --max_seq_len "${MAX_SEQ_LEN:-320}" --out "$OUTPUT/step2_reward/rw_eval.json"
