@@ -33,26 +33,15 @@ import torch
 
 from step1_pretrain_sft.data import load_sft_split, render_rows
 from utils.chat import PackedCollator, PaddedCollator, pack_rows
-from utils.checkpoint import export_hf
-from utils.config import TrainConfig, option, parse_config, require, save_config
+from utils.config import TrainConfig, option, require
 from utils.data import PackedTokens, read_token_meta, stack_collate
-from utils.dist import choose_precision, get_world_size, init_distributed
-from utils.engine import init_engine
+from utils.dist import get_world_size
 from utils.errors import UserError, main_guard
 from utils.generation import SamplingConfig, generate_ids
 from utils.lm import CausalLMTask
-from utils.log import setup_logging
-from utils.model import (
-    apply_lora,
-    check_vocab,
-    count_parameters,
-    create_causal_lm,
-    flops_per_token,
-    load_causal_lm,
-)
-from utils.run import finished_run, prepare_output_dir, write_done
+from utils.model import check_vocab, create_causal_lm, load_causal_lm
+from utils.step import load_tokenizer, prepare_model, start, train_and_export
 from utils.tasks import evaluate_tasks, load_task_evals
-from utils.trainer import Trainer, total_train_steps
 
 log = logging.getLogger("step1")
 
@@ -83,15 +72,6 @@ class Step1Config(TrainConfig):
             require(not self.preset, "preset", self.preset, "SFT starts from --model_name_or_path, not a preset")
 
 
-def load_tokenizer(path: str):
-    """A tokenizer dir from step0 (or any HF model dir that holds one)."""
-    from transformers import AutoTokenizer
-
-    if not (Path(path) / "tokenizer_config.json").is_file():
-        raise UserError(f"{path}: no tokenizer_config.json: point --tokenizer_path at step0's tokenizer/ dir")
-    return AutoTokenizer.from_pretrained(path)
-
-
 class PretrainTask(CausalLMTask):
     """Held-out loss/ppl/bits-per-char plus sampled continuations of a few fixed starts."""
 
@@ -99,8 +79,8 @@ class PretrainTask(CausalLMTask):
         super().__init__(*args, **kwargs)
         self.tokenizer = tokenizer
 
-    def evaluate(self, model) -> dict:
-        result: dict = super().evaluate(model)
+    def evaluate(self, model, step: int) -> dict:
+        result: dict = super().evaluate(model, step)
         if self.tokenizer is not None:
             prompts = [self.tokenizer(s, add_special_tokens=False)["input_ids"] for s in SAMPLE_STARTS]
             replies = generate_ids(model, self.tokenizer, prompts, SamplingConfig(48, 0.8, 50, 0.95, 1.0, 0),
@@ -118,26 +98,21 @@ class SFTTask(CausalLMTask):
         super().__init__(*args)
         self.tokenizer, self.task_sets, self.cfg = tokenizer, task_sets, cfg
 
-    def evaluate(self, model) -> dict:
-        result = super().evaluate(model) if len(self.eval_dataset) else {}
-        if self.task_sets:
+    def evaluate(self, model, step: int) -> dict:
+        result = super().evaluate(model, step) if len(self.eval_dataset) else {}
+        if self.task_sets and step > 0:  # the pretrained start cannot follow instructions: skip the slow part
             result.update(evaluate_tasks(model, self.tokenizer, self.task_sets, self.cfg.per_device_eval_batch_size,
                                          self.cfg.eval_max_new_tokens))
         return result
 
 
-def build_model(cfg: Step1Config, vocab_size: int, tokenizer_len: int | None):
+def build_model(cfg: Step1Config, vocab_size: int):
+    """The pretraining start (a preset, or a model dir to continue) or the SFT start (a model dir)."""
     if cfg.model_name_or_path:
         model = load_causal_lm(cfg.model_name_or_path)
     else:
         model = create_causal_lm(cfg.preset, vocab_size, max(cfg.max_seq_len, 2048), cfg.seed)
     check_vocab(model.config.vocab_size, vocab_size, f"--data_path {cfg.data_path}")
-    if tokenizer_len is not None:
-        check_vocab(model.config.vocab_size, tokenizer_len, "the tokenizer")
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if cfg.lora_dim:
-        model = apply_lora(model, cfg.lora_dim, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_module_name)
     return model
 
 
@@ -172,45 +147,16 @@ def sft_data(cfg: Step1Config, tokenizer):
 
 @main_guard
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(Step1Config, argv, prog="step1_pretrain_sft/main.py")
-    setup_logging()
-    run_dir = prepare_output_dir(cfg.output_dir)
-    init_distributed()
-    finished = finished_run(run_dir, cfg)
+    cfg, run_dir, precision, finished = start(Step1Config, argv, "step1_pretrain_sft/main.py")
     if finished is not None:
-        log.info("%s already holds a finished %s run of this config: skipped (--force to redo)", run_dir, cfg.stage)
         return finished
-    precision = choose_precision(cfg.dtype)
-
-    tokenizer_path = cfg.tokenizer_path or cfg.model_name_or_path
-    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
-    if cfg.stage == "sft" and tokenizer is None:
-        raise UserError("--stage sft needs a tokenizer: give --tokenizer_path or a model dir that holds one")
+    tokenizer = load_tokenizer(cfg) if cfg.tokenizer_path or cfg.stage == "sft" else None
     if cfg.stage == "pretrain":
         train, collate, task, vocab_size = pretrain_data(cfg, tokenizer)
     else:
         train, collate, task, vocab_size = sft_data(cfg, tokenizer)
-    model = build_model(cfg, vocab_size, len(tokenizer) if tokenizer is not None else None)
-
-    n_params = count_parameters(model)
-    base = model.config
-    fpt = flops_per_token(n_params, base.num_hidden_layers, base.hidden_size, cfg.max_seq_len)
-    total_steps = total_train_steps(cfg, len(train))
-    save_config(cfg, run_dir / "config.json", extra={
-        "world_size": get_world_size(), "precision": precision.name, "parameters": n_params,
-        "trainable_parameters": count_parameters(model, trainable_only=True), "total_steps": total_steps,
-        "train_rows": len(train)})
-    log.info("%s: %.2fM parameters, %d rows, %d steps, %s", cfg.stage, n_params / 1e6, len(train), total_steps,
-             precision.name)
-
-    engine = init_engine(model, cfg, precision, total_steps)
-    summary = Trainer(cfg, engine, train, collate, task, precision=precision, total_steps=total_steps,
-                      flops_per_token=fpt, run_dir=run_dir).fit()
-    export_hf(engine.module, run_dir / "final", zero_stage=cfg.zero_stage, tokenizer=tokenizer,
-              lora_scale=cfg.lora_alpha / cfg.lora_dim if cfg.lora_dim else None)
-    summary["parameters"] = n_params
-    write_done(run_dir, cfg, summary)
-    return summary
+    model = prepare_model(build_model(cfg, vocab_size), cfg, tokenizer)
+    return train_and_export(cfg, run_dir, model, tokenizer, train, collate, task, precision, cfg.stage)
 
 
 if __name__ == "__main__":

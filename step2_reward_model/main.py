@@ -28,19 +28,15 @@ if __package__ in (None, ""):
 
 import torch
 
-from step2_reward_model.data import PairCollator, encode_pairs, load_pairs
-from utils.checkpoint import export_hf
-from utils.config import TrainConfig, option, parse_config, require, save_config
+from utils.config import TrainConfig, option, require
 from utils.data import sharded_eval_batches
-from utils.dist import choose_precision, get_world_size, init_distributed
-from utils.engine import init_engine
-from utils.errors import UserError, main_guard
-from utils.log import setup_logging
+from utils.dist import get_world_size
+from utils.errors import main_guard
 from utils.losses import pairwise_reward_loss
-from utils.model import apply_lora, check_vocab, count_parameters, flops_per_token
+from utils.preference import PairCollator, encode_pairs, load_pairs
 from utils.reward import create_reward_model, sequence_rewards
-from utils.run import finished_run, prepare_output_dir, write_done
-from utils.trainer import LossOutput, Trainer, total_train_steps
+from utils.step import load_tokenizer, prepare_model, start, train_and_export
+from utils.trainer import LossOutput
 
 log = logging.getLogger("step2")
 
@@ -91,7 +87,7 @@ class RewardTask:
         diff = (chosen - rejected).detach()
         return LossOutput(losses.sum(), {"accuracy": (diff > 0).sum().item(), "margin": diff.sum().item()})
 
-    def evaluate(self, model) -> dict[str, float]:
+    def evaluate(self, model, step: int) -> dict[str, float]:
         device = next(model.parameters()).device
         result: dict[str, float] = {}
         for name, rows in self.eval_sets.items():
@@ -121,22 +117,10 @@ class RewardTask:
 
 @main_guard
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(Step2Config, argv, prog="step2_reward_model/main.py")
-    setup_logging()
-    run_dir = prepare_output_dir(cfg.output_dir)
-    init_distributed()
-    finished = finished_run(run_dir, cfg)
+    cfg, run_dir, precision, finished = start(Step2Config, argv, "step2_reward_model/main.py")
     if finished is not None:
-        log.info("%s already holds a finished reward-model run of this config: skipped (--force to redo)", run_dir)
         return finished
-    precision = choose_precision(cfg.dtype)
-
-    from transformers import AutoTokenizer
-
-    tokenizer_path = cfg.tokenizer_path or cfg.model_name_or_path
-    if not (Path(tokenizer_path) / "tokenizer_config.json").is_file():
-        raise UserError(f"{tokenizer_path}: no tokenizer: give --tokenizer_path or a model dir saved with one")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer = load_tokenizer(cfg)
     train_pairs = load_pairs(cfg.data_path, "train")
     eval_pairs = {"validation": load_pairs(cfg.data_path, "validation", required=False)}
     if cfg.eval_pairs:
@@ -145,36 +129,10 @@ def main(argv: list[str] | None = None) -> dict:
     train = encode_pairs(train_pairs, tokenizer, cfg.max_seq_len, kinds)
     eval_sets = {name: encode_pairs(p, tokenizer, cfg.max_seq_len, kinds) for name, p in eval_pairs.items() if p}
     collate = PairCollator(tokenizer.pad_token_id)
-
     model = create_reward_model(cfg.model_name_or_path, tokenizer.pad_token_id, cfg.seed)
-    check_vocab(model.config.vocab_size, len(tokenizer), f"--tokenizer_path {tokenizer_path}")
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if cfg.lora_dim:
-        model = apply_lora(model, cfg.lora_dim, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_module_name)
-        for name, p in model.named_parameters():  # the new head always trains
-            if ".score." in f".{name}":
-                p.requires_grad_(True)
-    n_params = count_parameters(model)
-    fpt = flops_per_token(n_params, model.config.num_hidden_layers, model.config.hidden_size, cfg.max_seq_len)
-    total_steps = total_train_steps(cfg, len(train))
-    save_config(cfg, run_dir / "config.json", extra={
-        "world_size": get_world_size(), "precision": precision.name, "parameters": n_params,
-        "trainable_parameters": count_parameters(model, trainable_only=True), "total_steps": total_steps,
-        "train_pairs": len(train), "kinds": kinds})
-    log.info("reward model: %.2fM parameters, %d pairs, %d steps, %s", n_params / 1e6, len(train), total_steps,
-             precision.name)
-
-    engine = init_engine(model, cfg, precision, total_steps)
-    task = RewardTask(cfg, eval_sets, collate, kinds)
-    summary = Trainer(cfg, engine, train, collate, task, precision=precision, total_steps=total_steps,
-                      flops_per_token=fpt, run_dir=run_dir).fit()
-    export_hf(engine.module, run_dir / "final", zero_stage=cfg.zero_stage, tokenizer=tokenizer,
-              lora_scale=cfg.lora_alpha / cfg.lora_dim if cfg.lora_dim else None)
-    summary["parameters"] = n_params
-    summary["train_pairs"] = len(train)
-    write_done(run_dir, cfg, summary)
-    return summary
+    model = prepare_model(model, cfg, tokenizer, always_train=("score",))  # the new head trains under LoRA too
+    return train_and_export(cfg, run_dir, model, tokenizer, train, collate, RewardTask(cfg, eval_sets, collate, kinds),
+                            precision, "reward model", extra={"kinds": kinds})
 
 
 if __name__ == "__main__":

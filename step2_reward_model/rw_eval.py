@@ -19,12 +19,12 @@ if __package__ in (None, ""):
 
 import torch
 
-from step2_reward_model.data import load_pairs
 from utils.chat import render_response
 from utils.config import option, parse_config, require
 from utils.errors import UserError, main_guard
 from utils.losses import pairwise_reward_loss
-from utils.reward import load_reward_model, sequence_rewards
+from utils.preference import load_pairs
+from utils.reward import load_reward_model, score_sequences
 from utils.tasks import read_jsonl
 
 
@@ -47,27 +47,11 @@ class EvalConfig:
         require(self.max_seq_len >= 8, "max_seq_len", self.max_seq_len, "must be >= 8")
 
 
-@torch.no_grad()
-def score(model, tokenizer, sequences: list[list[int]], batch_size: int) -> list[float]:
-    """Reward of each token sequence (right-padded batches)."""
-    scores: list[float] = []
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start:start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(chunk):
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, :len(s)] = 1
-        scores += sequence_rewards(model, ids, mask).tolist()
-    return scores
-
-
 def pair_report(cfg: EvalConfig, model, tokenizer) -> dict:
     pairs = load_pairs(cfg.pairs, "validation" if Path(cfg.pairs).is_dir() else "train")
     def side(which: str) -> list[float]:
         seqs = [render_response(tokenizer, p.prompt, getattr(p, which), cfg.max_seq_len) for p in pairs]
-        return score(model, tokenizer, seqs, cfg.batch_size)
+        return score_sequences(model, tokenizer.pad_token_id, seqs, cfg.batch_size)
 
     chosen, rejected = side("chosen"), side("rejected")
     losses = pairwise_reward_loss(torch.tensor(chosen), torch.tensor(rejected)).tolist()
@@ -103,8 +87,8 @@ def prompt_report(cfg: EvalConfig, model, tokenizer) -> dict:
     for i, row in enumerate(rows):
         if not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
             raise UserError(f"{cfg.prompts}:{i + 1}: needs string fields 'prompt' and 'response'")
-    scores = score(model, tokenizer, [render_response(tokenizer, r["prompt"], r["response"], cfg.max_seq_len)
-                                      for r in rows], cfg.batch_size)
+    seqs = [render_response(tokenizer, r["prompt"], r["response"], cfg.max_seq_len) for r in rows]
+    scores = score_sequences(model, tokenizer.pad_token_id, seqs, cfg.batch_size)
     ranked = sorted(({**r, "reward": s} for r, s in zip(rows, scores, strict=True)), key=lambda r: -r["reward"])
     print(f"{len(rows)} rows, mean reward {sum(scores) / max(len(scores), 1):.4f}")
     for r in ranked:

@@ -16,6 +16,8 @@ from step0_tokenizer.main import main as step0_main
 from step1_pretrain_sft.main import main as step1_main
 from step2_reward_model.main import main as step2_main
 from step2_reward_model.rw_eval import main as rw_eval_main
+from step3_rlhf_ppo.dpo import main as dpo_main
+from step3_rlhf_ppo.evaluate import main as policy_eval_main
 from utils.generation import SamplingConfig, generate_replies
 from utils.log import read_metrics
 
@@ -41,6 +43,10 @@ def chain(tmp_path_factory, dist):
                 "--eval_pairs", str(out / "data" / "eval" / "preference.jsonl"), "--output_dir", str(out / "step2"),
                 "--max_steps", "15", "--learning_rate", "2e-3", "--eval_interval", "15", "--save_interval", "0",
                 "--per_device_train_batch_size", "8", *COMMON])
+    dpo_main(["--model_name_or_path", str(out / "step1_sft" / "final"), "--data_path", str(out / "data" / "preference"),
+              "--eval_pairs", str(out / "data" / "eval" / "preference.jsonl"), "--output_dir", str(out / "step3_dpo"),
+              "--max_steps", "10", "--learning_rate", "1e-3", "--eval_interval", "10", "--save_interval", "0",
+              "--per_device_train_batch_size", "8", *COMMON])
     return out
 
 
@@ -80,3 +86,16 @@ def test_reward_model_trains_and_rw_eval_reads_the_export(chain):
     report = rw_eval_main(["--model", str(chain / "step2" / "final"),
                            "--pairs", str(chain / "data" / "eval" / "preference.jsonl"), "--max_seq_len", "128"])
     assert report["by_kind"]["all"]["accuracy"] == pytest.approx(evals[-1]["eval/accuracy"], abs=1e-9)
+
+
+def test_dpo_trains_from_sft_and_is_compared_under_the_reward_model(chain):
+    evals = read_metrics(chain / "step3_dpo", "eval")
+    assert evals[0]["step"] == 0 and evals[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference
+    assert evals[-1]["margin"] > evals[0]["margin"]
+    report = policy_eval_main(["--policy", str(chain / "step3_dpo" / "final"), "--baseline",
+                               str(chain / "step1_sft" / "final"), "--reward_model", str(chain / "step2" / "final"),
+                               "--prompts", str(chain / "data" / "eval" / "prompts.jsonl"), "--num_prompts", "6",
+                               "--max_new_tokens", "12"])
+    assert 0.0 <= report["win_rate"] <= 1.0 and len(report["samples"]) == 6
+    for side in ("baseline", "policy"):
+        assert {"reward_mean", "positive_share", "distinct_2", "repeat_4gram_share"} <= set(report["models"][side])

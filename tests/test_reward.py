@@ -10,24 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, clean_env
+from helpers import PAIRS, REPO, clean_env
 
 from step2_reward_model.main import main as step2_main
 from step2_reward_model.rw_eval import main as rw_eval_main
 from utils.chat import render_response
 from utils.log import read_metrics
 from utils.losses import pairwise_reward_loss
-
-PAIRS = [
-    ("评价一下这家酒店。", "房间干净，服务热情，下次还住。", "房间很脏，服务差，再也不来了。", "review_sentiment"),
-    ("写一条关于这本书的评论。", "内容精彩，值得一读。", "内容空洞，浪费时间。", "review_sentiment"),
-    ("说说你对这台笔记本电脑的看法。", "速度快，屏幕清楚。", "卡顿严重，屏幕发黄。", "review_sentiment"),
-    ("评价一下这家酒店。", "早餐丰富，位置方便。", "早餐难吃，位置偏僻。", "review_sentiment"),
-    ("判断下面这条评论的情感倾向，只回答“正面”或“负面”。\n评论：很好", "正面", "负面", "corrupted_answer"),
-    ("判断下面这条评论的情感倾向，只回答“正面”或“负面”。\n评论：太差", "负面", "正面", "corrupted_answer"),
-    ("请对下面的句子进行分词，词与词之间用一个空格隔开。\n句子：我爱北京", "我 爱 北京", "我爱 北京", "corrupted_answer"),
-    ("请对下面的句子进行分词，词与词之间用一个空格隔开。\n句子：今天很好", "今天 很 好", "今 天很 好", "corrupted_answer"),
-]
 
 
 def test_loss_matches_hand_computation():

@@ -2,20 +2,21 @@
 # Step 1b: supervised fine-tuning of the pretrained model on ChatML conversations.
 #   bash training_scripts/step1_sft.sh [OUTPUT] [ZERO_STAGE]
 # Reads OUTPUT/step1_pretrain/final, OUTPUT/data/sft and OUTPUT/data/eval; writes OUTPUT/step1_sft.
-# Knobs: EPOCHS, MAX_SEQ_LEN, BATCH, LR, LORA_DIM (0 = full fine-tuning), PACKING=1, DTYPE, FAST=1,
+# Knobs: EPOCHS, MAX_SEQ_LEN, BATCH, LR, LORA_DIM (0 = full fine-tuning), PACKING (1 = several
+# conversations per row, the default; 0 = one per row, right-padded), DTYPE, FAST=1,
 # NUM_GPUS, HOSTFILE, FORCE=1 (see common.sh).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 OUTPUT="${1:-$OUTPUT}"
 ZERO_STAGE="${2:-${ZERO_STAGE:-0}}"
-if [ "$FAST" = "1" ]; then STEPS=(--max_steps 30 --eval_interval 30 --save_interval 15 --eval_task_samples 8); else STEPS=(--num_train_epochs "${EPOCHS:-3}" --eval_interval 300 --save_interval 300 --eval_task_samples 100); fi
+if [ "$FAST" = "1" ]; then STEPS=(--max_steps 30 --eval_interval 30 --save_interval 15 --eval_task_samples 8); else STEPS=(--num_train_epochs "${EPOCHS:-2}" --eval_interval 400 --save_interval 200 --eval_task_samples 300); fi
 EXTRA=()
-if [ "${PACKING:-0}" = "1" ]; then EXTRA+=(--packing); fi
+if [ "${PACKING:-1}" = "1" ]; then EXTRA+=(--packing); fi
 launch "$REPO/step1_pretrain_sft/main.py" --stage sft \
     --model_name_or_path "$OUTPUT/step1_pretrain/final" \
     --data_path "$OUTPUT/data/sft" \
     --eval_task_dir "$OUTPUT/data/eval" \
-    --max_seq_len "${MAX_SEQ_LEN:-320}" \
-    --per_device_train_batch_size "${BATCH:-16}" \
+    --max_seq_len "${MAX_SEQ_LEN:-512}" \
+    --per_device_train_batch_size "${BATCH:-8}" \
     --learning_rate "${LR:-1e-3}" \
     --num_warmup_steps 50 \
     --weight_decay 0.0 \

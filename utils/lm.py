@@ -40,7 +40,7 @@ class CausalLMTask:
         logits = model(**inputs, use_cache=False).logits  # (B, T, V)
         return LossOutput(next_token_loss_sum(logits, batch["labels"]))
 
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+    def evaluate(self, model: torch.nn.Module, step: int = -1) -> dict[str, float]:
         loss_sum, units = 0.0, 0
         device = next(model.parameters()).device
         for batch, real in sharded_eval_batches(self.eval_dataset, self.collate, self.eval_batch_size,

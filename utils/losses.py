@@ -43,3 +43,65 @@ def pairwise_reward_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margi
     if center_coef:
         loss = loss + center_coef * (r_chosen + r_rejected) ** 2
     return loss
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token log-probs over label tokens, and their count, per row: (B, T, V), (B, T) -> (B,), (B,).
+
+    Position t scores labels[:, t + 1]; -100 labels (prompt, template, padding) contribute nothing.
+    Equivalent to: for each row b, sum over t with labels[b, t+1] != -100 of log_softmax(logits[b, t])[labels[b, t+1]].
+    """
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE_INDEX
+    safe = shift_labels.masked_fill(~mask, 0)
+    logps = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+    token_logps = logps.gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def dpo_sigmoid_loss(logits: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023, eq. 7) on h = (log pi_c - log ref_c) - (log pi_r - log ref_r), shape (P,).
+
+    loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h); eps > 0 is conservative DPO (cDPO,
+    Mitchell 2023: preferences assumed flipped with probability eps). eps = 0 is plain DPO.
+    """
+    return (-(1 - label_smoothing) * F.logsigmoid(beta * logits)
+            - label_smoothing * F.logsigmoid(-beta * logits))
+
+
+def ipo_loss(logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """IPO (Azar et al. 2023, "A General Theoretical Paradigm...", eq. 17): (h - 1/(2 beta))^2, shape (P,)."""
+    return (logits - 1.0 / (2.0 * beta)) ** 2
+
+
+def simpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_len: torch.Tensor,
+               rejected_len: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """SimPO (Meng et al. 2024, eq. 6), reference-free and length-normalised, shape (P,):
+    -log sigmoid(beta/|y_c| log pi(y_c) - beta/|y_r| log pi(y_r) - gamma)."""
+    chosen = beta * chosen_logps / chosen_len.clamp(min=1)
+    rejected = beta * rejected_logps / rejected_len.clamp(min=1)
+    return -F.logsigmoid(chosen - rejected - gamma)
+
+
+def preference_loss(loss_type: str, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+                    ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, chosen_len: torch.Tensor,
+                    rejected_len: torch.Tensor, beta: float, label_smoothing: float = 0.0,
+                    gamma: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair loss and implicit rewards (chosen, rejected), each (P,), for loss_type dpo|cdpo|ipo|simpo.
+
+    Rewards are beta * (log pi - log ref) (Rafailov et al. 2023, eq. 5); for SimPO, beta times the
+    length-normalised log-prob.
+    """
+    if loss_type == "simpo":
+        loss = simpo_loss(policy_chosen, policy_rejected, chosen_len, rejected_len, beta, gamma)
+        chosen_rewards = beta * policy_chosen / chosen_len.clamp(min=1)
+        rejected_rewards = beta * policy_rejected / rejected_len.clamp(min=1)
+        return loss, chosen_rewards.detach(), rejected_rewards.detach()
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if loss_type == "ipo":
+        loss = ipo_loss(h, beta)
+    elif loss_type in ("dpo", "cdpo"):
+        loss = dpo_sigmoid_loss(h, beta, label_smoothing if loss_type == "cdpo" else 0.0)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return loss, (beta * (policy_chosen - ref_chosen)).detach(), (beta * (policy_rejected - ref_rejected)).detach()

@@ -46,3 +46,19 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     last real token for right- and left-padded rows alike (pad ids only ever appear as padding).
     """
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.squeeze(-1).float()
+
+
+@torch.no_grad()
+def score_sequences(model, pad_token_id: int, sequences: list[list[int]], batch_size: int) -> list[float]:
+    """Reward of each token sequence, scored in right-padded batches."""
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(chunk):
+            ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+        scores += sequence_rewards(model, ids.to(device), mask.to(device)).tolist()
+    return scores

@@ -53,8 +53,9 @@ class TrainTask(Protocol):
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         """Forward pass and loss sum of one micro-batch."""
 
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """Held-out metrics; called on every rank in eval mode under no_grad, results from rank 0 logged."""
+    def evaluate(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        """Held-out metrics after `step` optimizer steps (0: the starting model); called on every rank in
+        eval mode under no_grad, results from rank 0 logged."""
 
 
 @dataclass
@@ -112,20 +113,24 @@ def total_train_steps(cfg: Any, num_rows: int) -> int:
     return cfg.max_steps or per_epoch * cfg.num_train_epochs
 
 
-def measure_peak_flops(device: torch.device, seconds: float = 0.3) -> float:
-    """A rough fp32 matmul peak (FLOP/s) of this device, for the MFU figure when none is given."""
+def measure_peak_flops(device: torch.device, trials: int = 5, seconds: float = 0.1) -> float:
+    """A rough fp32 matmul peak (FLOP/s) of this device, for the MFU figure when --peak_tflops is not
+    given: the best of a few short windows (another process taking CPU time only lowers a window)."""
     n = 1024
     gen = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG (and exact resume) alone
     a = torch.randn(n, n, device=device, generator=gen)
     b = torch.randn(n, n, device=device, generator=gen)
     torch.mm(a, b)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.mm(a, b)
-        count += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * count / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(trials):
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            torch.mm(a, b)
+            count += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 * count / (time.perf_counter() - start))
+    return best
 
 
 class Trainer:
@@ -162,7 +167,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         self.engine.eval()
         with torch.no_grad(), self.precision.autocast_context():
-            result = self.task.evaluate(self.engine)
+            result = self.task.evaluate(self.engine, self.state.step)
         self.engine.train()
         return result
 

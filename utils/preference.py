@@ -1,4 +1,4 @@
-"""Preference pairs for step 2: data_process's preference/ dir, or JSONL rows {"prompt", "chosen",
+"""Preference pairs (step2 reward model, step3 DPO): data_process's preference/ dir, or JSONL rows {"prompt", "chosen",
 "rejected"} (also the eval format {"prompt", "reference": {"chosen", "rejected"}}), with optional "kind"
 (reported separately) and "margin" (a per-pair margin for the loss)."""
 

@@ -1,0 +1,253 @@
+"""Step 3, the DPO path: train the SFT model directly on preference pairs, no reward model.
+
+Launch (from the repo root or from inside step3_rlhf_ppo/ as `dpo.py`):
+    deepspeed --num_gpus 1 step3_rlhf_ppo/dpo.py --model_name_or_path OUT/step1_sft/final \
+        --data_path OUT/data/preference --eval_pairs OUT/data/eval/preference.jsonl --output_dir OUT/step3_dpo
+    python step3_rlhf_ppo/dpo.py ...           (one process, no launcher)
+    bash training_scripts/step3_dpo.sh          (trains, then compares with SFT under the step 2 reward model)
+
+Each pair is rendered as two ChatML conversations (user: prompt, assistant: chosen / rejected); the policy
+scores both in one forward and sums log-probs over the reply tokens only (prompt, template and padding
+masked, utils.chat). --loss_type picks DPO (beta), cDPO (--label_smoothing), IPO or SimPO (--simpo_gamma,
+reference-free, length-normalised); the equations are in utils.losses. The reference is the SFT model:
+with --precompute_ref_logps (default) its log-probs are computed once before training and stored in
+OUTPUT/ref_logps.safetensors (reused on resume); otherwise a frozen reference engine scores every batch
+(--offload_reference_model puts its weights in CPU memory under ZeRO-3).
+Metrics: loss, rewards/chosen, rewards/rejected, accuracy, margin, logps of chosen and rejected (a warning
+when both fall, a known DPO failure), on train and held-out pairs. Checkpoints, resume and the HF export
+are the shared ones (utils.trainer, utils.checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from utils.chat import PaddedCollator, render_chat
+from utils.config import TrainConfig, option, require
+from utils.data import sharded_eval_batches
+from utils.dist import barrier, get_device, get_rank, get_world_size, is_rank0
+from utils.errors import UserError, main_guard
+from utils.log import read_metrics
+from utils.losses import preference_loss, sequence_logps
+from utils.model import load_causal_lm
+from utils.preference import Pair, load_pairs
+from utils.step import load_tokenizer, prepare_model, start, train_and_export
+from utils.trainer import LossOutput
+
+log = logging.getLogger("dpo")
+
+LOSS_TYPES = ("dpo", "cdpo", "ipo", "simpo")
+REF_FILE = "ref_logps.safetensors"
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Step 3 DPO path: direct preference optimisation of the SFT model (DeepSpeed ZeRO)."""
+
+    eval_pairs: str = option("", "Extra held-out pairs (JSONL) evaluated at every evaluation.")
+    loss_type: str = option("dpo", "Preference loss.", choices=LOSS_TYPES)
+    beta: float = option(0.1, "Strength of the KL regularisation to the reference (inverse temperature).")
+    label_smoothing: float = option(0.1, "cDPO: probability that a preference label is flipped.")
+    simpo_gamma: float = option(0.5, "SimPO: target reward margin gamma.")
+    precompute_ref_logps: bool = option(True, "Score the reference once before training instead of every batch.")
+    offload_reference_model: bool = option(False, "Keep the frozen reference engine's weights in CPU memory (ZeRO-3).")
+
+    def validate(self) -> None:
+        super().validate()
+        require(bool(self.model_name_or_path), "model_name_or_path", self.model_name_or_path,
+                "give the SFT export (OUT/step1_sft/final)")
+        require(bool(self.data_path), "data_path", self.data_path, "give data_process's preference/ dir")
+        require(self.beta > 0, "beta", self.beta, "must be > 0, e.g. 0.1")
+        require(0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "must be in [0, 0.5)")
+        require(self.simpo_gamma >= 0, "simpo_gamma", self.simpo_gamma, "must be >= 0")
+
+
+def encode_pair(tokenizer, pair: Pair, max_len: int) -> dict:
+    """Both conversations with reply-only labels (utils.chat.render_chat). Too long: the start is cut
+    (the prompt's beginning), never the reply's end, so every pair keeps a reply to score."""
+    def side(response: str) -> dict:
+        row = render_chat(tokenizer, [{"role": "user", "content": pair.prompt},
+                                      {"role": "assistant", "content": response}])
+        return {k: v[-max_len:] for k, v in row.items()}
+    return {"chosen": side(pair.chosen), "rejected": side(pair.rejected)}
+
+
+class DPOCollator:
+    """Batch layout: input_ids / attention_mask / labels (2P, T), the P chosen rows then the P rejected rows,
+    right-padded; ref_chosen / ref_rejected (P,) when the rows carry precomputed reference log-probs."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = PaddedCollator(self.pad_token_id)([r["chosen"] for r in rows] + [r["rejected"] for r in rows])
+        if "ref_chosen" in rows[0]:
+            batch["ref_chosen"] = torch.tensor([r["ref_chosen"] for r in rows], dtype=torch.float64)
+            batch["ref_rejected"] = torch.tensor([r["ref_rejected"] for r in rows], dtype=torch.float64)
+        return batch
+
+
+def policy_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen logps, rejected logps, chosen lengths, rejected lengths), each (P,), from one forward."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logps, lengths = sequence_logps(logits, batch["labels"])  # (2P,)
+    n = logps.shape[0] // 2
+    return logps[:n], logps[n:], lengths[:n], lengths[n:]
+
+
+@torch.no_grad()
+def reference_logps(model, rows: list[dict], collate: DPOCollator, batch_size: int) -> torch.Tensor:
+    """(N, 2) reference log-probs (chosen, rejected) of every row; ranks split the rows and share results."""
+    world, rank = get_world_size(), get_rank()
+    mine = list(range(rank, len(rows), world))
+    out = torch.zeros(len(rows), 2, dtype=torch.float64)
+    device = next(model.parameters()).device
+    for first in range(0, len(mine), batch_size):
+        idx = mine[first:first + batch_size]
+        batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx]).items()}
+        chosen, rejected, _, _ = policy_logps(model, batch)
+        out[idx, 0], out[idx, 1] = chosen.double().cpu(), rejected.double().cpu()
+    if world > 1:
+        torch.distributed.all_reduce(out)
+    return out
+
+
+class DPOTask:
+    """Loss units are pairs; the same metrics on train batches and on each held-out set."""
+
+    def __init__(self, cfg: DPOConfig, eval_sets: dict[str, list], collate: DPOCollator, reference=None):
+        self.cfg, self.eval_sets, self.collate, self.reference = cfg, eval_sets, collate, reference
+
+    def units(self, batch) -> int:
+        return int(batch["input_ids"].shape[0] // 2)
+
+    def tokens(self, batch) -> int:
+        return int(batch["attention_mask"].sum().item())
+
+    def _compute(self, model, batch):
+        chosen, rejected, chosen_len, rejected_len = policy_logps(model, batch)
+        if "ref_chosen" in batch:
+            ref_chosen, ref_rejected = batch["ref_chosen"].to(chosen.dtype), batch["ref_rejected"].to(chosen.dtype)
+        elif self.cfg.loss_type == "simpo":
+            ref_chosen = ref_rejected = torch.zeros_like(chosen)
+        else:
+            with torch.no_grad():
+                ref_chosen, ref_rejected, _, _ = policy_logps(self.reference, batch)
+        losses, r_chosen, r_rejected = preference_loss(
+            self.cfg.loss_type, chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len,
+            self.cfg.beta, self.cfg.label_smoothing, self.cfg.simpo_gamma)
+        metrics = {"rewards_chosen": r_chosen.sum().item(), "rewards_rejected": r_rejected.sum().item(),
+                   "accuracy": (r_chosen > r_rejected).sum().item(),
+                   "margin": (r_chosen - r_rejected).sum().item(),
+                   "logps_chosen": chosen.detach().sum().item(), "logps_rejected": rejected.detach().sum().item()}
+        return losses, metrics
+
+    def loss(self, model, batch) -> LossOutput:
+        losses, metrics = self._compute(model, batch)
+        return LossOutput(losses.sum(), metrics)
+
+    def evaluate(self, model, step: int) -> dict[str, float]:
+        device = next(model.parameters()).device
+        result: dict[str, float] = {}
+        for name, rows in self.eval_sets.items():
+            sums: dict[str, float] = {}
+            for batch, real in sharded_eval_batches(rows, self.collate, self.cfg.per_device_eval_batch_size,
+                                                    self.cfg.eval_batches, device):
+                losses, metrics = self._compute(model, batch)
+                if real:
+                    metrics = {"loss": losses.sum().item(), "pairs": float(losses.shape[0]), **metrics}
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + v
+            keys = sorted(sums)
+            totals = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64)
+            if get_world_size() > 1:
+                torch.distributed.all_reduce(totals)
+            totals_by_key = dict(zip(keys, totals.tolist(), strict=True))
+            n = max(totals_by_key.pop("pairs", 0.0), 1.0)
+            prefix = "" if name == "validation" else f"{name}/"
+            result.update({f"{prefix}{k}": v / n for k, v in totals_by_key.items()})
+        return result
+
+
+def warn_if_both_logps_fall(run_dir: Path) -> None:
+    """Both chosen and rejected log-probs falling since the first evaluation is a known DPO failure mode
+    (probability mass moves to responses outside the data)."""
+    evals = [r for r in read_metrics(run_dir, "eval") if "logps_chosen" in r]
+    if len(evals) >= 2:
+        first, last = evals[0], evals[-1]
+        if last["logps_chosen"] < first["logps_chosen"] and last["logps_rejected"] < first["logps_rejected"]:
+            log.warning("held-out log-probs of both chosen (%.2f -> %.2f) and rejected (%.2f -> %.2f) replies "
+                        "fell: the policy is moving mass away from both; consider a larger --beta or fewer steps",
+                        first["logps_chosen"], last["logps_chosen"], first["logps_rejected"], last["logps_rejected"])
+
+
+def attach_reference(cfg: DPOConfig, run_dir: Path, train: list[dict], evals: dict[str, list],
+                     collate: DPOCollator, precision):
+    """Precomputed reference log-probs written into the rows (returns None), or a frozen reference engine."""
+    if cfg.loss_type == "simpo":
+        return None
+    if not cfg.precompute_ref_logps:
+        import deepspeed
+
+        from utils.ds_config import inference_ds_config
+
+        ds = inference_ds_config(micro_batch=cfg.per_device_train_batch_size, world_size=get_world_size(),
+                                 zero_stage=cfg.zero_stage, offload=cfg.offload_reference_model,
+                                 precision=precision)
+        engine, *_ = deepspeed.initialize(model=load_causal_lm(cfg.model_name_or_path).eval(), config=ds)
+        return engine
+    from safetensors.torch import load_file, save_file
+
+    path = run_dir / REF_FILE
+    sets = {"train": train, **evals}
+    if path.is_file():
+        stored = load_file(str(path))
+    else:
+        reference = load_causal_lm(cfg.model_name_or_path).eval().to(get_device())
+        stored = {}
+        with precision.autocast_context():
+            for name, rows in sets.items():
+                stored[name] = reference_logps(reference, rows, collate, cfg.per_device_eval_batch_size)
+        if is_rank0():
+            save_file({k: v.contiguous() for k, v in stored.items()}, str(path))
+        barrier()
+    for name, rows in sets.items():
+        if stored[name].shape[0] != len(rows):
+            raise UserError(f"{path}: holds reference log-probs for {stored[name].shape[0]} {name} pairs, the data "
+                            f"has {len(rows)}: delete the file (or use a new --output_dir) after changing the data")
+        for row, (c, r) in zip(rows, stored[name].tolist(), strict=True):
+            row["ref_chosen"], row["ref_rejected"] = c, r
+    return None
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> dict:
+    cfg, run_dir, precision, finished = start(DPOConfig, argv, "step3_rlhf_ppo/dpo.py")
+    if finished is not None:
+        return finished
+    tokenizer = load_tokenizer(cfg)
+    train = [encode_pair(tokenizer, p, cfg.max_seq_len) for p in load_pairs(cfg.data_path, "train")]
+    eval_pairs = {"validation": load_pairs(cfg.data_path, "validation", required=False)}
+    if cfg.eval_pairs:
+        eval_pairs["eval"] = load_pairs(cfg.eval_pairs, "train")
+    evals = {name: [encode_pair(tokenizer, p, cfg.max_seq_len) for p in pairs]
+             for name, pairs in eval_pairs.items() if pairs}
+    collate = DPOCollator(tokenizer.pad_token_id)
+    reference = attach_reference(cfg, run_dir, train, evals, collate, precision)
+    model = prepare_model(load_causal_lm(cfg.model_name_or_path), cfg, tokenizer)
+    summary = train_and_export(cfg, run_dir, model, tokenizer, train, collate, DPOTask(cfg, evals, collate, reference),
+                               precision, f"DPO ({cfg.loss_type})")
+    warn_if_both_logps_fall(run_dir)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
