@@ -65,7 +65,7 @@ class DataConfig:
     strip_patterns: list[str] = option(
         [r"\((新华社|本报)?记者[^()]{0,20}摄\)", r"\(附图片\d+张\)"],
         "Regexes removed from the text (after NFKC; URLs are always removed).")
-    simplified: bool = option(True, "Convert traditional to simplified Chinese (snownlp's table).")
+    simplified: bool = option(True, "Convert traditional to simplified Chinese (OpenCC t2s).")
     near_dup_threshold: float = option(0.7, "Estimated Jaccard similarity of character n-gram sets at which "
                                             "a document is a near duplicate (0 = near dedup off).")
     near_dup_num_perm: int = option(64, "MinHash permutations (signature bytes per document = 8 x this).")

