@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,12 +118,9 @@ def stream_reply(model, tokenizer, messages: list[dict[str, str]], sampling: Sam
         pieces.append(text)
         print(text, end="", flush=True)
 
-    streamer = CallbackStreamer(tokenizer, show)
-    worker = threading.Thread(target=generate_ids,
-                              args=(model, tokenizer, [prompt_ids(tokenizer, messages)], sampling),
-                              kwargs={"streamer": streamer})
-    worker.start()
-    worker.join()
+    # the streamer prints each piece from inside generate, so no second thread is needed
+    generate_ids(model, tokenizer, [prompt_ids(tokenizer, messages)], sampling,
+                 streamer=CallbackStreamer(tokenizer, show))
     print(flush=True)
     return "".join(pieces)
 

@@ -81,6 +81,15 @@ def render_response(tokenizer, prompt: str, response: str, max_len: int | None =
     return ids[-max_len:] if max_len is not None else ids
 
 
+def right_pad(rows: Sequence[dict[str, list[int]]], key: str, fill: int) -> torch.Tensor:
+    """rows[i][key] as a (B, T) long tensor, right-padded with `fill` to the longest row."""
+    width = max(len(r[key]) for r in rows)
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r[key])] = torch.tensor(r[key], dtype=torch.long)
+    return out
+
+
 @dataclass
 class PaddedCollator:
     """Right-pads rendered rows to the longest in the batch (layout in the module docstring)."""
@@ -88,16 +97,9 @@ class PaddedCollator:
     pad_token_id: int
 
     def __call__(self, rows: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, :n] = torch.tensor(r["input_ids"])
-            labels[i, :n] = torch.tensor(r["labels"])
-            mask[i, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        ids = right_pad(rows, "input_ids", self.pad_token_id)
+        mask = right_pad([{"m": [1] * len(r["input_ids"])} for r in rows], "m", 0)
+        return {"input_ids": ids, "attention_mask": mask, "labels": right_pad(rows, "labels", IGNORE_INDEX)}
 
 
 def pack_rows(rows: Sequence[dict[str, list[int]]], max_len: int) -> list[dict[str, list[int]]]:
@@ -126,14 +128,10 @@ class PackedCollator:
     pad_token_id: int
 
     def __call__(self, rows: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        ids = right_pad(rows, "input_ids", self.pad_token_id)
+        positions = right_pad(rows, "position_ids", 0)
+        width = ids.shape[1]
         for i, r in enumerate(rows):
             n = len(r["input_ids"])
-            ids[i, :n] = torch.tensor(r["input_ids"])
-            labels[i, :n] = torch.tensor(r["labels"])
-            positions[i, :n] = torch.tensor(r["position_ids"])
             positions[i, n:] = torch.arange(width - n)
-        return {"input_ids": ids, "position_ids": positions, "labels": labels}
+        return {"input_ids": ids, "position_ids": positions, "labels": right_pad(rows, "labels", IGNORE_INDEX)}

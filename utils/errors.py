@@ -28,7 +28,9 @@ def main_guard(fn: Callable[..., T]) -> Callable[..., T]:
         try:
             return fn(*args, **kwargs)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            # the CLI contract is this exact line, so it bypasses logging's timestamped format
+            sys.stderr.write(f"error: {err}\n")
+            sys.stderr.flush()
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper
