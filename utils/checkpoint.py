@@ -1,7 +1,8 @@
 """Crash-safe checkpoints on DeepSpeed's save/load_checkpoint, and the Hugging Face export.
 
 Layout of `run_dir/checkpoints/`:
-    step00000010/          DeepSpeed files + client_rank{R}.json (loop state, RNG states) + meta.json
+    step00000010/          DeepSpeed files (or one subdir per named engine) + client_rank{R}.json (loop
+                           state, RNG states) + optional tensors.safetensors + meta.json
     latest                 name of the newest complete checkpoint (written last, atomically)
 A checkpoint is written as `tmp-step...`, fsynced, given meta.json (the list of files and their sizes)
 and only then renamed into place; so a directory named step* with a meta.json that matches its files is
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 META = "meta.json"
 LATEST = "latest"
+TENSORS = "tensors.safetensors"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -111,8 +113,13 @@ class CheckpointManager:
     def tag(step: int) -> str:
         return f"step{step:08d}"
 
-    def save(self, engine, step: int, loop_state: dict[str, Any]) -> Path:
-        """Write checkpoint `step` (all ranks call this). `loop_state` is this rank's JSON-able state."""
+    def save(self, engine, step: int, loop_state: dict[str, Any],
+             tensors: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write checkpoint `step` (all ranks call this). `loop_state` is this rank's JSON-able state.
+
+        `engine` is one DeepSpeed engine, or a dict of named engines (step3 PPO's actor and critic), each
+        then saved in its own subdirectory; `tensors` (the same on every rank, e.g. EMA weights) go to
+        tensors.safetensors. Either way the checkpoint is complete only once all of it is on disk."""
         final = self.directory / self.tag(step)
         tmp_tag = f"tmp-{self.tag(step)}"
         tmp = self.directory / tmp_tag
@@ -121,7 +128,15 @@ class CheckpointManager:
             if tmp.exists():
                 shutil.rmtree(tmp)
         barrier()
-        engine.save_checkpoint(str(self.directory), tag=tmp_tag, client_state={}, save_latest=False)
+        if isinstance(engine, dict):
+            for name, one in engine.items():
+                one.save_checkpoint(str(tmp), tag=name, client_state={}, save_latest=False)
+        else:
+            engine.save_checkpoint(str(self.directory), tag=tmp_tag, client_state={}, save_latest=False)
+        if tensors and is_rank0():
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
         client = {"step": step, "world_size": get_world_size(), "loop": loop_state, "rng": rng_state()}
         write_json_atomic(tmp / f"client_rank{get_rank()}.json", client)
         barrier()
@@ -183,19 +198,30 @@ class CheckpointManager:
         return complete[-1]
 
     def load(self, engine, path: Path) -> dict[str, Any]:
-        """Restore weights, optimizer, schedule and this rank's RNG; return its loop state."""
+        """Restore weights, optimizer, schedule (of one engine or a dict of named engines, as saved) and
+        this rank's RNG; return its loop state."""
         meta = json.loads((path / META).read_text(encoding="utf-8"))
         if meta["world_size"] != get_world_size():
             raise UserError(f"{path}: saved with {meta['world_size']} processes, resuming with "
                             f"{get_world_size()}: use the same number of processes or a new --output_dir")
-        load_path, _ = engine.load_checkpoint(str(self.directory), tag=path.name, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-        if load_path is None:
-            raise UserError(f"{path}: DeepSpeed could not load this checkpoint; delete it to resume from an "
-                            "earlier one")
+        engines = engine.items() if isinstance(engine, dict) else [(None, engine)]
+        for name, one in engines:
+            load_path, _ = one.load_checkpoint(str(path) if name else str(self.directory), tag=name or path.name,
+                                               load_optimizer_states=True, load_lr_scheduler_states=True)
+            if load_path is None:
+                raise UserError(f"{path}: DeepSpeed could not load this checkpoint; delete it to resume from an "
+                                "earlier one")
         client = json.loads((path / f"client_rank{get_rank()}.json").read_text(encoding="utf-8"))
         set_rng_state(client["rng"])
         return client["loop"]
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The extra tensors a checkpoint holds (empty if none were saved)."""
+    from safetensors.torch import load_file
+
+    file = path / TENSORS
+    return load_file(str(file)) if file.is_file() else {}
 
 
 def _fsync_dir(path: Path) -> None:

@@ -48,8 +48,39 @@ def require(ok: bool, name: str, value: Any, fix: str) -> None:
 
 
 @dataclass
-class TrainConfig:
-    """Options every DeepSpeed training step shares (model, data, optimisation, DeepSpeed, logging)."""
+class RunConfig:
+    """Options of every training step's run: where it writes, seed, precision, evaluation, checkpoints."""
+
+    output_dir: str = option("", "Where this step writes config.json, metrics, checkpoints and final/.")
+    seed: int = option(1234, "Seed for model init, data order and sampling.")
+    dtype: str = option("auto", "Training precision; auto picks bf16 where the hardware runs it fast.", choices=DTYPES)
+    eval_interval: int = option(100, "Evaluate every N optimizer steps (0 = only at the end).")
+    eval_batches: int = option(20, "Held-out batches per evaluation (0 = the whole held-out set).")
+    save_interval: int = option(200, "Checkpoint every N optimizer steps (0 = only at the end).")
+    keep_last: int = option(2, "Checkpoints kept on disk (older ones are deleted).")
+    log_interval: int = option(1, "Write a metrics line every N optimizer steps.")
+    resume: bool = option(True, "Resume from the last complete checkpoint in output_dir if there is one.")
+    force: bool = option(False, "Run again even if output_dir holds a finished run of the same config "
+                                "(its checkpoints and export are deleted first).")
+    max_bad_steps: int = option(5, "Abort after this many optimizer steps in a row with NaN/inf loss.")
+    enable_tensorboard: bool = option(True, "Write TensorBoard events to output_dir/tb.")
+    peak_tflops: float = option(0.0, "Hardware peak TFLOP/s for the MFU figure; 0 = measure/guess.")
+
+    def validate(self) -> None:
+        """Check every value; raise UserError naming the first bad flag and the fix."""
+        require(bool(self.output_dir), "output_dir", self.output_dir, "give a directory to write to")
+        for name in ("keep_last", "log_interval", "max_bad_steps"):
+            value = getattr(self, name)
+            require(value >= 1, name, value, "must be a positive integer")
+        for name in ("eval_interval", "save_interval", "eval_batches"):
+            value = getattr(self, name)
+            require(value >= 0, name, value, "must be >= 0")
+        require(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, "must be >= 0")
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Options every single-model DeepSpeed training step shares (model, data, optimisation, DeepSpeed)."""
 
     # model
     model_name_or_path: str = option("", "Hugging Face model dir to start from (the previous step's final/).")
@@ -75,7 +106,6 @@ class TrainConfig:
     # DeepSpeed / hardware
     zero_stage: int = option(0, "DeepSpeed ZeRO stage: 0, 1, 2 or 3.", choices=(0, 1, 2, 3))
     offload: bool = option(False, "Offload optimizer states (and parameters under ZeRO-3) to CPU memory.")
-    dtype: str = option("auto", "Training precision; auto picks bf16 where the hardware runs it fast.", choices=DTYPES)
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
     # LoRA
     lora_dim: int = option(0, "LoRA rank; 0 trains all weights.")
@@ -85,30 +115,14 @@ class TrainConfig:
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "Module names that get LoRA adapters.",
     )
-    # run control
-    output_dir: str = option("", "Where this step writes config.json, metrics, checkpoints and final/.")
-    seed: int = option(1234, "Seed for model init, data order and sampling.")
-    eval_interval: int = option(100, "Evaluate every N optimizer steps (0 = only at the end).")
-    eval_batches: int = option(20, "Held-out batches per evaluation (0 = the whole held-out set).")
-    save_interval: int = option(200, "Checkpoint every N optimizer steps (0 = only at the end).")
-    keep_last: int = option(2, "Checkpoints kept on disk (older ones are deleted).")
-    log_interval: int = option(1, "Write a metrics line every N optimizer steps.")
-    resume: bool = option(True, "Resume from the last complete checkpoint in output_dir if there is one.")
-    force: bool = option(False, "Run again even if output_dir holds a finished run of the same config "
-                                "(its checkpoints and export are deleted first).")
-    max_bad_steps: int = option(5, "Abort after this many optimizer steps in a row with NaN/inf loss.")
-    enable_tensorboard: bool = option(True, "Write TensorBoard events to output_dir/tb.")
-    peak_tflops: float = option(0.0, "Hardware peak TFLOP/s for the MFU figure; 0 = measure/guess.")
 
     def validate(self) -> None:
-        """Check every value; raise UserError naming the first bad flag and the fix."""
-        require(bool(self.output_dir), "output_dir", self.output_dir, "give a directory to write to")
+        super().validate()
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "max_seq_len", "num_train_epochs", "keep_last", "log_interval", "max_bad_steps"):
+                     "max_seq_len", "num_train_epochs"):
             value = getattr(self, name)
             require(value >= 1, name, value, "must be a positive integer")
-        for name in ("max_steps", "num_warmup_steps", "eval_interval", "save_interval", "eval_batches",
-                     "lora_dim"):
+        for name in ("max_steps", "num_warmup_steps", "lora_dim"):
             value = getattr(self, name)
             require(value >= 0, name, value, "must be >= 0")
         require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be > 0, e.g. 3e-4")
@@ -118,7 +132,6 @@ class TrainConfig:
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         require(self.gradient_clipping >= 0, "gradient_clipping", self.gradient_clipping, "must be >= 0")
         require(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "must be in [0, 1)")
-        require(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, "must be >= 0")
         if self.preset:
             from utils.model import PRESETS  # local import keeps config importable without torch
 

@@ -43,7 +43,8 @@ def stop_token_ids(tokenizer) -> list[int]:
     return [i for i in dict.fromkeys(ids) if i is not None and i != tokenizer.unk_token_id]
 
 
-def _left_pad(rows: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as (B, T) ids and attention mask, padded on the left (generation continues on the right)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -54,19 +55,28 @@ def _left_pad(rows: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Ten
 
 
 @torch.no_grad()
+def sample_tokens(model, ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingConfig, tokenizer,
+                  synced_gpus: bool = False, streamer=None) -> torch.Tensor:
+    """The (B, N) tokens `model.generate` appends to the left-padded prompts `ids` (rows that stop early are
+    padded with the pad id). `model` is anything with HF's generate (a model, a PeftModel, DeepSpeed's
+    hybrid engine). Seeded sampling runs in a forked RNG, so the caller's random state is untouched."""
+    device = ids.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(sampling.seed)
+        out = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=stop_token_ids(tokenizer),
+                             pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus, streamer=streamer,
+                             **sampling.generate_kwargs())
+    return out[:, ids.shape[1]:]
+
+
 def generate_ids(model, tokenizer, prompts: Sequence[list[int]], sampling: SamplingConfig,
                  synced_gpus: bool = False, streamer=None) -> list[list[int]]:
     """New token ids for each prompt (stop token and padding removed)."""
     device = next(model.parameters()).device
-    ids, mask = _left_pad(prompts, tokenizer.pad_token_id, device)
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)
     stops = stop_token_ids(tokenizer)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(sampling.seed)
-        out = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=stops,
-                             pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus, streamer=streamer,
-                             **sampling.generate_kwargs())
     replies = []
-    for row in out[:, ids.shape[1]:].tolist():
+    for row in sample_tokens(model, ids, mask, sampling, tokenizer, synced_gpus, streamer).tolist():
         cut = next((i for i, t in enumerate(row) if t in stops), len(row))
         replies.append(row[:cut])
     return replies

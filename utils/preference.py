@@ -1,4 +1,4 @@
-"""Preference pairs (step2 reward model, step3 DPO): data_process's preference/ dir, or JSONL rows {"prompt", "chosen",
+"""Prompts (step3 PPO) and preference pairs (step2 reward model, step3 DPO): data_process's preference/ dir, or JSONL rows {"prompt", "chosen",
 "rejected"} (also the eval format {"prompt", "reference": {"chosen", "rejected"}}), with optional "kind"
 (reported separately) and "margin" (a per-pair margin for the loss)."""
 
@@ -38,29 +38,45 @@ def _to_pair(row: Any, where: str) -> Pair:
     return Pair(row["prompt"], row["chosen"], row["rejected"], str(row.get("kind") or "all"), float(margin))
 
 
-def load_pairs(path: str | Path, split: str = "train", required: bool = True) -> list[Pair]:
-    """Pairs of `split` from a save_to_disk dir, or all rows of a .jsonl file (used for any split)."""
+def load_rows(path: str | Path, split: str, what: str) -> list[tuple[Any, str]]:
+    """(row, where) of `split` from a save_to_disk dir, or of every row of a .jsonl file (any split);
+    `where` names the file and line (or split and row) for error messages."""
     p = Path(path)
     if p.is_file():
-        rows = read_jsonl(p)
-        pairs = [_to_pair(r, f"{p}:{i + 1}") for i, r in enumerate(rows)]
-    elif p.is_dir():
-        import datasets
+        return [(r, f"{p}:{i + 1}") for i, r in enumerate(read_jsonl(p))]
+    if not p.is_dir():
+        raise UserError(f"{path}: not found: give data_process's {what}/ dir or a .jsonl of {what}")
+    import datasets
 
-        try:
-            data = datasets.load_from_disk(str(p))
-        except (FileNotFoundError, ValueError) as err:
-            raise UserError(f"{path}: not a dataset dir written by data_process ({err})") from None
-        if isinstance(data, datasets.DatasetDict):
-            data = data.get(split, [])
-        elif split != "train":
-            data = []
-        pairs = [_to_pair(r, f"{p} ({split} row {i + 1})") for i, r in enumerate(data)]
-    else:
-        raise UserError(f"{path}: not found: give data_process's preference/ dir or a .jsonl of pairs")
+    try:
+        data = datasets.load_from_disk(str(p))
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(f"{path}: not a dataset dir written by data_process ({err})") from None
+    if isinstance(data, datasets.DatasetDict):
+        data = data.get(split, [])
+    elif split != "train":
+        data = []
+    return [(r, f"{p} ({split} row {i + 1})") for i, r in enumerate(data)]
+
+
+def load_pairs(path: str | Path, split: str = "train", required: bool = True) -> list[Pair]:
+    """Pairs of `split` from a save_to_disk dir, or all rows of a .jsonl file (used for any split)."""
+    pairs = [_to_pair(row, where) for row, where in load_rows(path, split, "preference")]
     if required and not pairs:
         raise UserError(f"{path}: no {split} pairs")
     return pairs
+
+
+def load_prompts(path: str | Path, split: str = "train", required: bool = True) -> list[str]:
+    """Prompts ({"prompt": str} rows) of `split`: data_process's prompts/ dir, or a .jsonl file."""
+    prompts = []
+    for row, where in load_rows(path, split, "prompts"):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise UserError(f"{where}: expected a JSON object with a non-empty string 'prompt'")
+        prompts.append(row["prompt"])
+    if required and not prompts:
+        raise UserError(f"{path}: no {split} prompts")
+    return prompts
 
 
 def encode_pairs(pairs: list[Pair], tokenizer, max_len: int, kinds: list[str]) -> list[dict[str, Any]]:

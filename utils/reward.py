@@ -62,3 +62,24 @@ def score_sequences(model, pad_token_id: int, sequences: list[list[int]], batch_
             ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
         scores += sequence_rewards(model, ids.to(device), mask.to(device)).tolist()
     return scores
+
+
+def score_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The scalar head (`score`) of a reward model, also inside a peft or DeepSpeed wrapper."""
+    for name, module in model.named_modules():
+        if name == "score" or name.endswith(".score"):
+            return module
+    raise UserError(f"{type(model).__name__} has no 'score' head: not a reward model")
+
+
+def token_values(model, head: torch.nn.Module, **inputs) -> torch.Tensor:
+    """The head's output at every position, (B, T): a critic's per-token values. The forward runs through
+    `model` itself (so DeepSpeed's hooks and autograd see it) and a hook catches the head's output before
+    transformers pools it at the last token."""
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    return captured[0].squeeze(-1).float()

@@ -16,7 +16,7 @@ from utils.errors import UserError
 DONE = "done"
 # options that do not change what a step produces
 _HASH_EXCLUDE = {"output_dir", "force", "eval_interval", "eval_batches", "save_interval", "keep_last", "log_interval",
-                 "resume", "enable_tensorboard", "peak_tflops"}
+                 "resume", "enable_tensorboard", "peak_tflops", "samples_interval"}
 
 
 def prepare_output_dir(path: str | Path) -> Path:

@@ -39,14 +39,17 @@ def start(cls: type[C], argv: list[str] | None, prog: str) -> tuple[C, Path, Pre
     return cfg, run_dir, choose_precision(cfg.dtype), finished
 
 
-def load_tokenizer(cfg: Any):
-    """The tokenizer of --tokenizer_path, else the one saved beside --model_name_or_path."""
+def load_tokenizer(cfg_or_path: Any, flag: str = "--tokenizer_path"):
+    """The tokenizer in a dir (or, given a step config, of --tokenizer_path, else the one saved beside
+    --model_name_or_path); a UserError naming `flag` when the dir holds none."""
     from transformers import AutoTokenizer
 
-    path = cfg.tokenizer_path or cfg.model_name_or_path
+    path = cfg_or_path
+    if not isinstance(cfg_or_path, str):
+        path = cfg_or_path.tokenizer_path or cfg_or_path.model_name_or_path
     if not path or not (Path(path) / "tokenizer_config.json").is_file():
-        raise UserError(f"{path or '--tokenizer_path'}: no tokenizer_config.json: give step0's tokenizer/ dir "
-                        "(--tokenizer_path) or a model dir saved with its tokenizer")
+        raise UserError(f"{path or flag}: no tokenizer_config.json: give step0's tokenizer/ dir ({flag}) or a "
+                        "model dir saved with its tokenizer")
     return AutoTokenizer.from_pretrained(path)
 
 

@@ -1,0 +1,270 @@
+"""Step 3 PPO: the math against direct loops and hand computations, the experience layout (log-probs line up
+with the sampled tokens), the generation switch, learning a rule reward, CLI errors and bit-exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, clean_env, run_python
+
+from utils.generation import SamplingConfig, left_pad, sample_tokens
+from utils.rl import (
+    KLController,
+    gae,
+    kl_penalised_rewards,
+    masked_whiten,
+    policy_loss,
+    token_logprobs,
+    value_loss,
+)
+
+MAIN = str(REPO / "step3_rlhf_ppo" / "main.py")
+
+
+def ragged_mask(lengths: list[int], width: int) -> torch.Tensor:
+    return torch.tensor([[1.0] * n + [0.0] * (width - n) for n in lengths])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The math
+
+
+def test_gae_equals_a_direct_loop():
+    torch.manual_seed(0)
+    lengths, width, gamma, lam = [5, 1, 3, 7], 7, 0.9, 0.8
+    mask = ragged_mask(lengths, width)
+    rewards, values = torch.randn(4, width), torch.randn(4, width)
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    for b, n in enumerate(lengths):
+        r, v = rewards[b, :n].tolist(), values[b, :n].tolist()
+        expect, running = [0.0] * n, 0.0
+        for t in reversed(range(n)):
+            next_v = v[t + 1] if t + 1 < n else 0.0
+            running = r[t] + gamma * next_v - v[t] + gamma * lam * running
+            expect[t] = running
+        assert adv[b, :n].tolist() == pytest.approx(expect, rel=1e-5, abs=1e-6)
+        assert ret[b, :n].tolist() == pytest.approx([a + x for a, x in zip(expect, v, strict=True)], rel=1e-5, abs=1e-6)
+        assert adv[b, n:].abs().sum() == 0 and ret[b, n:].abs().sum() == 0
+
+
+def test_rewards_fall_on_reply_tokens_with_the_score_at_the_last():
+    mask = ragged_mask([3, 1, 2], 3)
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -9.0, -9.0], [-1.0, -1.0, -9.0]])
+    ref = torch.tensor([[-1.5, -2.0, -2.0], [-1.0, -1.0, -1.0], [-1.0, -3.0, -1.0]])
+    scores = torch.tensor([2.0, -10.0, 0.5])
+    rewards, kl = kl_penalised_rewards(logp, ref, scores, mask, kl_coef=0.1, clip=5.0)
+    expect = [[-0.05, 0.0, 0.1 + 2.0], [-0.05 - 5.0, 0.0, 0.0], [0.0, -0.2 + 0.5, 0.0]]
+    assert rewards.tolist() == [pytest.approx(row) for row in expect]
+    assert kl.tolist() == [pytest.approx(row) for row in [[0.5, 0.0, -1.0], [0.5, 0.0, 0.0], [0.0, 2.0, 0.0]]]
+
+
+def test_policy_and_value_losses_match_hand_computation():
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    old = torch.tensor([[-1.0, -1.0, -1.0]])
+    new = old + torch.tensor([[0.5, -0.1, 3.0]])  # ratios e^0.5 (clipped at 1.2), e^-0.1, padding
+    adv = torch.tensor([[2.0, -1.0, 7.0]])
+    loss, stats = policy_loss(new, old, adv, mask, clip=0.2)
+    r1, r2 = torch.exp(torch.tensor(0.5)).item(), torch.exp(torch.tensor(-0.1)).item()
+    expect = max(-2.0 * r1, -2.0 * 1.2) + max(1.0 * r2, 1.0 * 0.9)  # both terms: the pessimistic one
+    assert loss.item() == pytest.approx(expect, rel=1e-6)
+    assert stats["clipfrac"].item() == 1.0  # token 1 is clipped, token 2 (ratio 0.905 > 0.8) is not
+    assert stats["approx_kl"].item() == pytest.approx((r1 - 1 - 0.5) + (r2 - 1 + 0.1), rel=1e-6)
+
+    values, old_v, returns = torch.tensor([[1.0, 0.0, 5.0]]), torch.tensor([[0.5, 0.1, 0.0]]), torch.tensor([[2.0, 1.0, 0.0]])
+    vloss, vstats = value_loss(values, old_v, returns, mask, clip=0.2)
+    # token 1: unclipped (1-2)^2 = 1, clipped (0.7-2)^2 = 1.69 -> 1.69; token 2: (0-1)^2 = 1 vs (0-1)^2 = 1
+    assert vloss.item() == pytest.approx(0.5 * (1.69 + 1.0), rel=1e-6)
+    assert vstats["vf_clipfrac"].item() == 1.0
+
+
+def test_whitening_and_kl_controller():
+    torch.manual_seed(1)
+    mask = ragged_mask([4, 2, 6], 6)
+    x = masked_whiten(torch.randn(3, 6) * 5 + 3, mask)
+    real = x[mask > 0]
+    assert real.mean().item() == pytest.approx(0, abs=1e-6) and real.std().item() == pytest.approx(1, rel=1e-5)
+    assert x[mask == 0].abs().sum() == 0
+    fixed = KLController(0.1)
+    fixed.update(50.0, 64)
+    assert fixed.value == 0.1
+    adaptive = KLController(0.1, target=6.0, horizon=1000)
+    adaptive.update(9.0, 100)  # error clipped to +0.2
+    assert adaptive.value == pytest.approx(0.1 * (1 + 0.2 * 100 / 1000))
+    adaptive.update(5.4, 100)  # error -0.1
+    assert adaptive.value == pytest.approx(0.1 * 1.02 * (1 - 0.1 * 0.1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Nano models
+
+
+@pytest.fixture(scope="module")
+def ppo_dirs(chat_tokenizer, tmp_path_factory):
+    """A nano 'SFT' model, a reward model on top of it, and a prompt file, in the steps' export formats."""
+    from utils.model import create_causal_lm
+    from utils.reward import create_reward_model
+
+    root = tmp_path_factory.mktemp("ppo")
+    sft = create_causal_lm("nano", len(chat_tokenizer), 256, seed=0)
+    sft.save_pretrained(root / "sft")
+    chat_tokenizer.save_pretrained(root / "sft")
+    rm = create_reward_model(root / "sft", chat_tokenizer.pad_token_id, seed=1)
+    rm.save_pretrained(root / "rm")
+    chat_tokenizer.save_pretrained(root / "rm")
+    prompts = ["好", "评价一下。", "写评论。", "说说看法。", "酒店", "续写：很", "书", "电脑怎么样"]
+    with open(root / "prompts.jsonl", "w", encoding="utf-8") as f:
+        for p in prompts * 4:
+            f.write(json.dumps({"prompt": p}, ensure_ascii=False) + "\n")
+    return root
+
+
+def test_logprobs_line_up_with_the_sampled_tokens(ppo_dirs, chat_tokenizer):
+    """The experience layout scores token j of the reply from position P + j - 1: the same log-probs
+    generate computed when it sampled them (the off-by-one test), with prompts of different lengths."""
+    from step3_rlhf_ppo.ppo_trainer import Experience, position_ids, reply_logits, reply_mask
+    from utils.chat import prompt_ids
+    from utils.generation import stop_token_ids
+    from utils.model import load_causal_lm
+
+    model = load_causal_lm(ppo_dirs / "sft").eval()
+    rows = [prompt_ids(chat_tokenizer, [{"role": "user", "content": p}]) for p in ("好", "说说你对这家酒店的看法。")]
+    ids, mask = left_pad(rows, chat_tokenizer.pad_token_id, "cpu")
+    torch.manual_seed(3)
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.8, max_new_tokens=12,
+                         eos_token_id=stop_token_ids(chat_tokenizer), pad_token_id=chat_tokenizer.pad_token_id,
+                         output_logits=True, return_dict_in_generate=True)
+    sampled = out.sequences[:, ids.shape[1]:]
+    actions, action_mask = reply_mask(sampled, stop_token_ids(chat_tokenizer), chat_tokenizer.pad_token_id)
+    full_mask = torch.cat([mask, action_mask.long()], 1)
+    exp = Experience(ids.shape[1], torch.cat([ids, actions], 1), full_mask, position_ids(full_mask), action_mask,
+                     *(torch.empty(0),) * 4)
+    with torch.no_grad():
+        ours = token_logprobs(reply_logits(model, exp), actions, 0.8)
+    generated = torch.stack(out.logits, 1)[:, :actions.shape[1]]  # raw logits of each decoding step
+    theirs = token_logprobs(generated, actions, 0.8)
+    assert action_mask.sum() >= 4
+    assert torch.allclose(ours * action_mask, theirs * action_mask, atol=1e-4)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_own_generation_path_matches_model_generate(ppo_dirs, chat_tokenizer, dist, stage):
+    from utils.config import TrainConfig
+    from utils.dist import choose_precision
+    from utils.engine import init_engine
+    from utils.hybrid import GenerationSwitch
+    from utils.model import load_causal_lm
+
+    plain = load_causal_lm(ppo_dirs / "sft").eval()
+    cfg = TrainConfig(output_dir="x", zero_stage=stage, per_device_train_batch_size=2)
+    engine = init_engine(load_causal_lm(ppo_dirs / "sft"), cfg, choose_precision("fp32"), 10)
+    switch = GenerationSwitch(engine, chat_tokenizer, stage, use_hybrid_engine=False, lora_scale=None)
+    rows = [[2, 5, 9, 30, 3], [2, 7, 3]]
+    ids, mask = left_pad(rows, chat_tokenizer.pad_token_id, "cpu")
+    sampling = SamplingConfig(max_new_tokens=10, temperature=1.0, seed=11)
+    ours = switch.generate(ids, mask, sampling)
+    theirs = sample_tokens(plain, ids, mask, sampling, chat_tokenizer)
+    assert torch.equal(ours, theirs) and engine.module.training and switch.seconds > 0
+
+
+class EvenTokenReward(torch.nn.Module):
+    """A fixed-rule reward model: 10 x the share of even token ids after the last <|im_start|> (the
+    assistant header and the reply). Stands in for the step 2 model to show that PPO optimises a reward."""
+
+    def forward(self, input_ids, attention_mask, **_):
+        positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        header = torch.where(input_ids == 2, positions, -1).max(-1, keepdim=True).values
+        region = (positions > header) & (attention_mask > 0)
+        share = ((input_ids % 2 == 0) & region).sum(-1) / region.sum(-1).clamp(min=1)
+        return type("Out", (), {"logits": share.float().unsqueeze(-1) * 10})()
+
+
+def test_ppo_raises_a_rule_reward(ppo_dirs, chat_tokenizer, dist, tmp_path):
+    from step3_rlhf_ppo.main import PPOConfig
+    from step3_rlhf_ppo.ppo_trainer import PPOTrainer, build_engines, encode_prompts
+    from utils.config import parse_config
+    from utils.dist import choose_precision
+    from utils.log import read_metrics
+    from utils.preference import load_prompts
+
+    cfg = parse_config(PPOConfig, [
+        "--actor_model_name_or_path", str(ppo_dirs / "sft"), "--critic_model_name_or_path", str(ppo_dirs / "rm"),
+        "--data_path", str(ppo_dirs / "prompts.jsonl"), "--output_dir", str(tmp_path), "--dtype", "fp32",
+        "--per_device_generation_batch_size", "8", "--per_device_training_batch_size", "4", "--max_answer_seq_len", "8",
+        "--actor_learning_rate", "3e-3", "--critic_learning_rate", "3e-3", "--lr_scheduler_type", "constant",
+        "--init_kl_coef", "0.01", "--max_steps", "30", "--eval_interval", "0", "--save_interval", "0",
+        "--enable_tensorboard", "false", "--samples_interval", "0", "--max_approx_kl", "0"])
+    precision = choose_precision("fp32")
+    prompts = encode_prompts(chat_tokenizer, load_prompts(cfg.data_path), cfg.max_prompt_seq_len, "test")
+    engines = build_engines(cfg, chat_tokenizer, precision, total_updates=60)
+    engines.reward = EvenTokenReward()
+    PPOTrainer(cfg, tmp_path, engines, chat_tokenizer, prompts, [], precision, 30, None).fit()
+    scores = [r["score_mean"] for r in read_metrics(tmp_path, "train")]
+    first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
+    assert last > first + 1.0, scores
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line: errors and resume
+
+
+def base_args(dirs: Path, out: Path) -> list[str]:
+    return ["--actor_model_name_or_path", str(dirs / "sft"), "--critic_model_name_or_path", str(dirs / "rm"),
+            "--data_path", str(dirs / "prompts.jsonl"), "--eval_prompts", str(dirs / "prompts.jsonl"),
+            "--output_dir", str(out), "--dtype", "fp32", "--per_device_generation_batch_size", "4",
+            "--per_device_training_batch_size", "2", "--max_answer_seq_len", "8", "--actor_learning_rate", "1e-3",
+            "--critic_learning_rate", "1e-3", "--enable_tensorboard", "false", "--eval_batches", "1",
+            "--per_device_eval_batch_size", "4", "--samples_interval", "2", "--ppo_epochs", "2"]
+
+
+@pytest.mark.parametrize("swap, extra, expected", [
+    (True, [], "reward"),  # a reward model where the actor is expected
+    (False, ["--per_device_generation_batch_size", "6"], "multiple of"),
+    (False, ["--offload_reference_model"], "actor_zero_stage 3"),
+])
+def test_bad_input_one_line_exit_2(ppo_dirs, tmp_path, swap, extra, expected):
+    args = base_args(ppo_dirs, tmp_path / "run")
+    if swap:
+        args[1] = str(ppo_dirs / "rm")
+    r = run_python([MAIN, *args, *extra], timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_sigkill_then_resume_is_bit_exact(ppo_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    from utils.log import read_metrics
+
+    steps = ["--max_steps", "6", "--save_interval", "2", "--eval_interval", "3"]
+    full = tmp_path / "full"
+    r = run_python([MAIN, *base_args(ppo_dirs, full), *steps], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, MAIN, *base_args(ppo_dirs, cut), *steps], cwd=REPO, env=clean_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (cut / "checkpoints" / "step00000004").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "done").exists(), "the run finished before it could be killed"
+    r = run_python([MAIN, *base_args(ppo_dirs, cut), *steps], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr
+    for sub in ("final", "critic"):
+        wa, wb = load_file(full / sub / "model.safetensors"), load_file(cut / sub / "model.safetensors")
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), sub
+    timing = ("tok_per_s", "gen_share", "experience_seconds", "train_seconds")
+    ma, mb = ([{k: v for k, v in m.items() if k not in timing} for m in read_metrics(d)] for d in (full, cut))
+    assert ma == mb and len([m for m in ma if m["kind"] == "train"]) == 6
+    assert (full / "samples.jsonl").read_text() == (cut / "samples.jsonl").read_text()
