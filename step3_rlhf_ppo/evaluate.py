@@ -6,7 +6,9 @@
 Both models answer the same prompts with the same seeded sampling; the step 2 reward model scores every
 answer. Reported for each model: mean reward-model score, mean length (characters), distinct-2 (distinct
 character bigrams / all bigrams), and the share of answers in which some character 4-gram occurs 3+ times
-(degeneration); and the policy's win-rate against the baseline (reward higher; ties count half).
+(degeneration); and the policy's win-rate against the baseline (reward higher; ties count half) and its KL
+to the baseline (the mean over the policy's answers of log pi(answer) - log pi_baseline(answer), at the
+sampling temperature).
 With --judge DIR (default: the baseline), the share of answers that model's own sentiment task (T1
 prompt, greedy) calls positive: a judge independent of the reward model.
 """
@@ -23,10 +25,13 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-from utils.chat import render_response
+import torch
+
+from utils.chat import PaddedCollator, render_chat, render_response
 from utils.config import option, parse_config, require
 from utils.errors import UserError, main_guard
 from utils.generation import SamplingConfig, generate_replies
+from utils.losses import sequence_logps
 from utils.reward import load_reward_model, score_sequences
 from utils.tasks import read_jsonl
 
@@ -68,6 +73,20 @@ def repeats_4gram(text: str, times: int = 3) -> bool:
     return bool(counts) and max(counts.values()) >= times
 
 
+@torch.no_grad()
+def reply_logps(model, tokenizer, prompts: list[str], answers: list[str], temperature: float,
+                batch_size: int) -> list[float]:
+    """Summed log-probs of each answer (its end marker included) under `model` at the sampling temperature."""
+    rows = [render_chat(tokenizer, [{"role": "user", "content": p}, {"role": "assistant", "content": a}])
+            for p, a in zip(prompts, answers, strict=True)]
+    collate, out = PaddedCollator(tokenizer.pad_token_id), []
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start:start + batch_size])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        out += sequence_logps(logits / max(temperature, 1e-6), batch["labels"])[0].tolist()
+    return out
+
+
 def positive_share(judge, tokenizer, answers: list[str], batch_size: int) -> float:
     convs = [[{"role": "user", "content": SENTIMENT_PROMPT.format(review=a)}] for a in answers]
     verdicts = generate_replies(judge, tokenizer, convs, SamplingConfig(max_new_tokens=4), batch_size)
@@ -103,6 +122,14 @@ def main(argv: list[str] | None = None) -> dict:
             "repeat_4gram_share": sum(repeats_4gram(a) for a in answers[name]) / len(prompts),
             "scores": scores,
         }
+    # KL(policy || baseline) per answer, estimated on the policy's own samples: sum of log-ratios
+    models = {name: load_causal_lm(path).eval() for name, path in (("baseline", cfg.baseline), ("policy", cfg.policy))}
+    tok = AutoTokenizer.from_pretrained(cfg.policy)
+    logps = {name: reply_logps(m, tok, prompts, answers["policy"], cfg.temperature, cfg.batch_size)
+             for name, m in models.items()}
+    kls = [p - b for p, b in zip(logps["policy"], logps["baseline"], strict=True)]
+    report["models"]["policy"]["kl_mean"] = sum(kls) / len(kls)
+    report["models"]["baseline"]["kl_mean"] = 0.0
     judge_path = cfg.judge or cfg.baseline
     judge, judge_tok = load_causal_lm(judge_path).eval(), AutoTokenizer.from_pretrained(judge_path)
     for name in answers:
@@ -111,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["win_rate"] = sum(1.0 if p > b else 0.5 if p == b else 0.0 for p, b in zip(pol, base, strict=True)) / len(base)
     report["samples"] = [{"prompt": p, "baseline": b, "policy": a}
                          for p, b, a in zip(prompts, answers["baseline"], answers["policy"], strict=True)]
-    keys = ("reward_mean", "positive_share", "length_mean", "distinct_2", "repeat_4gram_share")
+    keys = ("reward_mean", "positive_share", "kl_mean", "length_mean", "distinct_2", "repeat_4gram_share")
     print(f"{'model':<10}" + "".join(f"{k:>20}" for k in keys))
     for name in ("baseline", "policy"):
         print(f"{name:<10}" + "".join(f"{report['models'][name][k]:>20.4f}" for k in keys))

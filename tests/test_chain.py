@@ -7,6 +7,7 @@ output directories, exactly as the training scripts do.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -18,6 +19,7 @@ from step2_reward_model.main import main as step2_main
 from step2_reward_model.rw_eval import main as rw_eval_main
 from step3_rlhf_ppo.dpo import main as dpo_main
 from step3_rlhf_ppo.evaluate import main as policy_eval_main
+from step3_rlhf_ppo.main import main as ppo_main
 from utils.generation import SamplingConfig, generate_replies
 from utils.log import read_metrics
 
@@ -40,13 +42,24 @@ def chain(tmp_path_factory, dist):
                 "--max_steps", "20", "--learning_rate", "2e-3", "--eval_interval", "20", "--save_interval", "10",
                 "--per_device_train_batch_size", "8", *COMMON])
     step2_main(["--model_name_or_path", str(out / "step1_sft" / "final"), "--data_path", str(out / "data" / "preference"),
-                "--eval_pairs", str(out / "data" / "eval" / "preference.jsonl"), "--output_dir", str(out / "step2"),
+                "--eval_pairs", str(out / "data" / "eval" / "preference.jsonl"), "--output_dir", str(out / "step2_reward"),
                 "--max_steps", "15", "--learning_rate", "2e-3", "--eval_interval", "15", "--save_interval", "0",
                 "--per_device_train_batch_size", "8", *COMMON])
     dpo_main(["--model_name_or_path", str(out / "step1_sft" / "final"), "--data_path", str(out / "data" / "preference"),
               "--eval_pairs", str(out / "data" / "eval" / "preference.jsonl"), "--output_dir", str(out / "step3_dpo"),
               "--max_steps", "10", "--learning_rate", "1e-3", "--eval_interval", "10", "--save_interval", "0",
               "--per_device_train_batch_size", "8", *COMMON])
+    ppo_main(["--actor_model_name_or_path", str(out / "step1_sft" / "final"),
+              "--critic_model_name_or_path", str(out / "step2_reward" / "final"), "--data_path", str(out / "data" / "prompts"),
+              "--eval_prompts", str(out / "data" / "eval" / "prompts.jsonl"), "--output_dir", str(out / "step3_ppo"),
+              "--max_steps", "4", "--per_device_generation_batch_size", "4", "--per_device_training_batch_size", "2",
+              "--max_answer_seq_len", "12", "--eval_interval", "4", "--eval_batches", "1", "--save_interval", "0",
+              "--samples_interval", "2", "--enable_ema", "--dtype", "fp32", "--enable_tensorboard", "false"])
+    for policy in ("step3_ppo", "step3_dpo"):
+        policy_eval_main(["--policy", str(out / policy / "final"), "--baseline", str(out / "step1_sft" / "final"),
+                          "--reward_model", str(out / "step2_reward" / "final"), "--prompts",
+                          str(out / "data" / "eval" / "prompts.jsonl"), "--num_prompts", "6", "--max_new_tokens", "12",
+                          "--out", str(out / policy / "eval.json")])
     return out
 
 
@@ -79,11 +92,11 @@ def test_sft_scores_tasks_and_chats(chain):
 
 
 def test_reward_model_trains_and_rw_eval_reads_the_export(chain):
-    evals = read_metrics(chain / "step2", "eval")
+    evals = read_metrics(chain / "step2_reward", "eval")
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 15
     assert {"accuracy", "margin", "eval/accuracy", "eval/review_sentiment/accuracy"} <= set(evals[-1])
     assert all(0.0 <= evals[-1][k] <= 1.0 for k in evals[-1] if k.endswith("accuracy"))
-    report = rw_eval_main(["--model", str(chain / "step2" / "final"),
+    report = rw_eval_main(["--model", str(chain / "step2_reward" / "final"),
                            "--pairs", str(chain / "data" / "eval" / "preference.jsonl"), "--max_seq_len", "128"])
     assert report["by_kind"]["all"]["accuracy"] == pytest.approx(evals[-1]["eval/accuracy"], abs=1e-9)
 
@@ -93,10 +106,50 @@ def test_dpo_trains_from_sft_and_is_compared_under_the_reward_model(chain):
     assert evals[0]["step"] == 0 and evals[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference
     # learning itself is tested on pairs a nano model can fit (tests/test_dpo.py); here: the policy moved
     assert evals[-1]["loss"] != pytest.approx(0.6931, abs=1e-4) and evals[-1]["margin"] != 0.0
-    report = policy_eval_main(["--policy", str(chain / "step3_dpo" / "final"), "--baseline",
-                               str(chain / "step1_sft" / "final"), "--reward_model", str(chain / "step2" / "final"),
-                               "--prompts", str(chain / "data" / "eval" / "prompts.jsonl"), "--num_prompts", "6",
-                               "--max_new_tokens", "12"])
+    report = json.loads((chain / "step3_dpo" / "eval.json").read_text(encoding="utf-8"))
     assert 0.0 <= report["win_rate"] <= 1.0 and len(report["samples"]) == 6
     for side in ("baseline", "policy"):
         assert {"reward_mean", "positive_share", "distinct_2", "repeat_4gram_share"} <= set(report["models"][side])
+
+
+def test_ppo_trains_from_sft_and_reward_model_and_exports(chain):
+    from transformers import AutoModelForSequenceClassification
+
+    run = chain / "step3_ppo"
+    train, evals = read_metrics(run, "train"), read_metrics(run, "eval")
+    assert [r["step"] for r in train] == [1, 2, 3, 4] and [r["step"] for r in evals] == [0, 4]
+    assert train[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first batch is sampled by the reference itself
+    for key in ("score_mean", "kl", "entropy", "response_length", "clipfrac", "approx_kl", "value_loss",
+                "policy_loss", "advantages_mean", "returns_mean", "tok_per_s", "gen_share", "kl_coef"):
+        assert all(math.isfinite(r[key]) for r in train), key
+    assert 0.0 < train[-1]["gen_share"] < 1.0
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert {s["step"] for s in samples} == {1, 2, 4} and all("response" in s for s in samples)
+    actor = AutoModelForCausalLM.from_pretrained(run / "final")
+    ema = AutoModelForCausalLM.from_pretrained(run / "final_ema")
+    sft = AutoModelForCausalLM.from_pretrained(chain / "step1_sft" / "final")
+    critic = AutoModelForSequenceClassification.from_pretrained(run / "critic")
+    assert critic.config.num_labels == 1
+    moved = [(a - s).abs().max().item() for a, s in zip(actor.parameters(), sft.parameters(), strict=True)]
+    ema_moved = [(e - s).abs().max().item() for e, s in zip(ema.parameters(), sft.parameters(), strict=True)]
+    assert max(moved) > 0 and 0 < max(ema_moved) < max(moved)  # EMA trails the actor
+    report = json.loads((run / "eval.json").read_text(encoding="utf-8"))
+    assert 0.0 <= report["win_rate"] <= 1.0 and report["models"]["policy"]["kl_mean"] > 0.0
+    # same prompts and seed: the SFT answers of both evaluations agree, so the report can line them up
+    dpo = json.loads((chain / "step3_dpo" / "eval.json").read_text(encoding="utf-8"))
+    assert [s["baseline"] for s in report["samples"]] == [s["baseline"] for s in dpo["samples"]]
+
+
+def test_report_card_from_the_outputs(chain):
+    from utils.report import build_report
+
+    build_report(chain)
+    md = (chain / "report.md").read_text(encoding="utf-8")
+    for title in ("Data and tokenizer", "Step 1: pretraining", "Step 1: supervised fine-tuning",
+                  "Step 2: reward model", "Step 3: PPO", "Step 3: DPO", "The same prompts"):
+        assert f"## {title}" in md, title
+    images = sorted(p.name for p in (chain / "report").glob("*.png"))
+    assert {"step1_pretrain_loss.png", "step2_reward_accuracy.png", "step3_ppo_kl.png",
+            "step3_dpo_margin.png"} <= set(images)
+    page = (chain / "report.html").read_text(encoding="utf-8")
+    assert page.count("data:image/png;base64,") == len(images) and "<table>" in page

@@ -226,7 +226,7 @@ def base_args(dirs: Path, out: Path) -> list[str]:
 
 @pytest.mark.parametrize("swap, extra, expected", [
     (True, [], "reward"),  # a reward model where the actor is expected
-    (False, ["--per_device_generation_batch_size", "6"], "multiple of"),
+    (False, ["--per_device_generation_batch_size", "5"], "multiple of"),
     (False, ["--offload_reference_model"], "actor_zero_stage 3"),
 ])
 def test_bad_input_one_line_exit_2(ppo_dirs, tmp_path, swap, extra, expected):

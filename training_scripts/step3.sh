@@ -4,7 +4,7 @@
 # KL, degeneration figures). DeepSpeed-Chat's positional arguments, each defaulting to the demo's outputs:
 #   bash training_scripts/step3.sh [ACTOR_MODEL_PATH] [CRITIC_MODEL_PATH] [ACTOR_ZERO_STAGE] [CRITIC_ZERO_STAGE] [OUTPUT]
 # Reads OUTPUT/data/{prompts,eval}; writes OUTPUT/step3_ppo (final/, critic/, samples.jsonl, eval.json).
-# Knobs: STEPS, GEN_BATCH, TRAIN_BATCH, ACTOR_LR, CRITIC_LR, KL, TEMPERATURE, ANSWER_LEN, ACTOR_LORA_DIM,
+# Knobs: STEPS, GEN_BATCH, TRAIN_BATCH, ACTOR_LR, CRITIC_LR, KL, TARGET_KL, KL_HORIZON, TEMPERATURE, ANSWER_LEN, ACTOR_LORA_DIM,
 # EMA=1, HYBRID_ENGINE=1 (CUDA), DTYPE, FAST=1, NUM_GPUS, HOSTFILE, FORCE=1 (see common.sh).
 # On a GPU with the base preset: DTYPE=bf16 HYBRID_ENGINE=1 GEN_BATCH=32 TRAIN_BATCH=16 bash training_scripts/step3.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -18,7 +18,7 @@ RUN="$OUTPUT/step3_ppo"
 if [ "$FAST" = "1" ]; then
     STEPS_ARGS=(--max_steps 6 --eval_interval 6 --save_interval 3 --eval_batches 1); EVAL_N=16
 else
-    STEPS_ARGS=(--max_steps "${STEPS:-200}" --eval_interval 50 --save_interval 50 --eval_batches 2); EVAL_N=200
+    STEPS_ARGS=(--max_steps "${STEPS:-150}" --eval_interval 50 --save_interval 50 --eval_batches 2); EVAL_N=200
 fi
 EXTRA=()
 [ "${EMA:-0}" = "1" ] && EXTRA+=(--enable_ema)
@@ -38,7 +38,9 @@ launch "$REPO/step3_rlhf_ppo/main.py" \
     --actor_learning_rate "${ACTOR_LR:-1e-5}" \
     --critic_learning_rate "${CRITIC_LR:-1e-5}" \
     --num_warmup_steps 5 \
-    --init_kl_coef "${KL:-0.1}" \
+    --init_kl_coef "${KL:-0.5}" \
+    --target_kl "${TARGET_KL:-0}" \
+    --kl_horizon "${KL_HORIZON:-200}" \
     --ppo_epochs 1 \
     --actor_zero_stage "$ACTOR_ZERO_STAGE" \
     --critic_zero_stage "$CRITIC_ZERO_STAGE" \

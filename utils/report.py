@@ -1,0 +1,273 @@
+"""The report card of a chain run, rebuilt from what the steps wrote (metrics.jsonl, summary.json,
+config.json, eval.json, data stats); no model is loaded.
+
+    python -m utils.report OUTPUT            -> OUTPUT/report.md, OUTPUT/report.html, OUTPUT/report/*.png
+
+Per step: data counts, parameters, tokens, wall time, tokens/s and final metrics (bits/char; SFT task
+scores; reward-model accuracy; PPO and DPO reward, KL, win-rate vs SFT and degeneration figures), PNG
+plots, and the same held-out prompts answered by the SFT, PPO and DPO models side by side (taken from the
+two eval.json files, which sample the SFT model with the same prompts and seed). Steps not run yet are
+left out. The report is a list of blocks rendered twice, as Markdown and as one self-contained HTML page.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from utils.errors import UserError, main_guard
+from utils.log import read_metrics
+
+log = logging.getLogger(__name__)
+
+STEPS = {  # dir under OUTPUT -> title
+    "step1_pretrain": "Step 1: pretraining",
+    "step1_sft": "Step 1: supervised fine-tuning",
+    "step2_reward": "Step 2: reward model",
+    "step3_ppo": "Step 3: PPO",
+    "step3_dpo": "Step 3: DPO",
+}
+
+
+@dataclass
+class Report:
+    """Blocks in order: ("h2", text), ("p", text), ("table", (header, rows)), ("img", path)."""
+
+    root: Path
+    blocks: list[tuple[str, Any]] = field(default_factory=list)
+
+    def add(self, kind: str, value: Any) -> None:
+        self.blocks.append((kind, value))
+
+    def markdown(self) -> str:
+        out = ["# Report card", ""]
+        for kind, value in self.blocks:
+            if kind == "h2":
+                out += [f"## {value}", ""]
+            elif kind == "p":
+                out += [value, ""]
+            elif kind == "table":
+                header, rows = value
+                out.append("| " + " | ".join(header) + " |")
+                out.append("|" + "---|" * len(header))
+                out += ["| " + " | ".join(_cell(c).replace("|", "\\|").replace("\n", " ") for c in r) + " |"
+                        for r in rows]
+                out.append("")
+            elif kind == "img":
+                out += [f"![{Path(value).stem}]({Path(value).relative_to(self.root).as_posix()})", ""]
+        return "\n".join(out)
+
+    def html(self) -> str:
+        body = ["<h1>Report card</h1>"]
+        for kind, value in self.blocks:
+            if kind == "h2":
+                body.append(f"<h2>{html.escape(value)}</h2>")
+            elif kind == "p":
+                body.append(f"<p>{html.escape(value)}</p>")
+            elif kind == "table":
+                header, rows = value
+                head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+                cells = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in r) + "</tr>"
+                                for r in rows)
+                body.append(f"<table><tr>{head}</tr>{cells}</table>")
+            elif kind == "img":
+                data = base64.b64encode(Path(value).read_bytes()).decode()
+                body.append(f'<img alt="{html.escape(Path(value).stem)}" src="data:image/png;base64,{data}">')
+        style = ("body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em}"
+                 "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;"
+                 "vertical-align:top;text-align:left}img{max-width:100%}")
+        return (f'<!doctype html><html lang="zh"><head><meta charset="utf-8"><title>Report card</title>'
+                f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _plot(path: Path, title: str, series: dict[str, tuple[list[float], list[float]]], ylabel: str = "") -> Path | None:
+    """One line per named (x, y) series; None when there is nothing to draw."""
+    series = {k: v for k, v in series.items() if v[0]}
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    for name, (x, y) in series.items():
+        ax.plot(x, y, label=name, marker="o" if len(x) < 15 else None, markersize=3)
+    ax.set_title(title)
+    ax.set_xlabel("optimizer step" if "PPO" not in title else "PPO step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _xy(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _run_facts(run: Path) -> list[list[Any]]:
+    """Parameters, steps, tokens, wall time and tokens/s of a training step's run."""
+    cfg, summary = _read_json(run / "config.json"), _read_json(run / "summary.json")
+    params = cfg.get("parameters")
+    if isinstance(params, dict):
+        params = params.get("actor")
+    wall = summary.get("wall_seconds")
+    tok_s = summary.get("tok_per_s") or (summary.get("tokens", 0) / wall if wall else None)
+    facts = [["parameters", params], ["precision", cfg.get("precision")], ["processes", cfg.get("world_size")],
+             ["optimizer steps" if "optimizer_steps_per_ppo_step" not in cfg else "PPO steps", summary.get("steps")],
+             ["tokens", summary.get("tokens")], ["wall time (min)", wall / 60 if wall else None],
+             ["tokens/s", tok_s]]
+    if "generation_share" in summary:
+        facts.append(["share of time generating", summary["generation_share"]])
+    return [f for f in facts if f[1] is not None]
+
+
+def _data_section(rep: Report, out: Path) -> None:
+    stats = _read_json(out / "data" / "stats.json")
+    meta = _read_json(out / "step0" / "tokens" / "meta.json")
+    if not stats and not meta:
+        return
+    rep.add("h2", "Data and tokenizer")
+    rows = []
+    for name in ("pretrain", "sft", "preference", "prompts"):
+        if isinstance(stats.get(name), dict):
+            rows.append([name, ", ".join(f"{k} {v:,}" for k, v in stats[name].items())])
+    if isinstance(stats.get("eval"), dict):
+        rows.append(["eval", ", ".join(f"{k} {v:,}" for k, v in stats["eval"].items())])
+    if meta:
+        rows.append(["tokenizer", f"vocab {meta.get('vocab_size'):,}"])
+        rows.append(["pretraining tokens", ", ".join(f"{k} {v:,}" for k, v in meta.get("num_tokens", {}).items())])
+    rep.add("table", (["what", "rows"], rows))
+
+
+def _eval_table(rep: Report, run: Path) -> dict[str, Any]:
+    report = _read_json(run / "eval.json")
+    if not report:
+        return {}
+    keys = ("reward_mean", "positive_share", "kl_mean", "length_mean", "distinct_2", "repeat_4gram_share")
+    rows = [[name, *[report["models"][name].get(k, "") for k in keys]] for name in ("baseline", "policy")]
+    rep.add("p", f"Held-out prompts ({report.get('prompts')}), sampled with the same seed; win-rate of the "
+                 f"policy over the SFT model under the reward model: {report.get('win_rate', float('nan')):.3f}.")
+    rep.add("table", (["model", "RM score", "positive share", "KL to SFT", "length (chars)", "distinct-2",
+                       "repeats a 4-gram 3+ times"], rows))
+    return report
+
+
+def _step_section(rep: Report, out: Path, name: str, title: str, figs: Path) -> None:
+    run = out / name
+    train, evals = read_metrics(run, "train"), read_metrics(run, "eval")
+    if not train and not evals:
+        return
+    rep.add("h2", title)
+    rep.add("table", (["", "value"], _run_facts(run)))
+    final = evals[-1] if evals else {}
+    plots: list[Path | None] = []
+    if name == "step1_pretrain":
+        rep.add("p", f"Held-out loss {final.get('loss', float('nan')):.4f}, bits per character "
+                     f"{final.get('bits_per_char', float('nan')):.4f} (step 0: {evals[0].get('bits_per_char', float('nan')):.4f}).")
+        plots.append(_plot(figs / f"{name}_loss.png", "Pretraining loss",
+                           {"train": _xy(train, "loss"), "held-out": _xy(evals, "loss")}, "loss"))
+    elif name == "step1_sft":
+        tasks = [[k, final[k]] for k in ("loss", "sentiment_acc", "segmentation_f1", "ner_f1") if k in final]
+        rep.add("table", (["held-out metric", "final"], tasks))
+        plots.append(_plot(figs / f"{name}_loss.png", "SFT loss",
+                           {"train": _xy(train, "loss"), "held-out": _xy(evals, "loss")}, "loss"))
+        plots.append(_plot(figs / f"{name}_tasks.png", "SFT task scores (greedy)",
+                           {k: _xy(evals, k) for k in ("sentiment_acc", "segmentation_f1", "ner_f1")}))
+    elif name == "step2_reward":
+        keys = [k for k in final if k.endswith("accuracy")]
+        rep.add("table", (["held-out accuracy", "final"], [[k, final[k]] for k in sorted(keys)]))
+        plots.append(_plot(figs / f"{name}_loss.png", "Reward model loss",
+                           {"train": _xy(train, "loss"), "held-out": _xy(evals, "loss")}, "loss"))
+        plots.append(_plot(figs / f"{name}_accuracy.png", "Reward model accuracy",
+                           {k: _xy(evals, k) for k in ("accuracy", "eval/accuracy",
+                                                       "eval/review_sentiment/accuracy")}))
+    elif name == "step3_ppo":
+        _eval_table(rep, run)
+        for key, label in (("score_mean", "reward-model score"), ("kl", "KL to the reference (per reply)"),
+                           ("entropy", "entropy (per token)"), ("response_length", "reply length (tokens)")):
+            plots.append(_plot(figs / f"{name}_{key}.png", f"PPO {label}", {key: _xy(train, key)}))
+    elif name == "step3_dpo":
+        _eval_table(rep, run)
+        plots.append(_plot(figs / f"{name}_margin.png", "DPO implicit reward margin",
+                           {"train": _xy(train, "margin"), "held-out": _xy(evals, "margin")}))
+        plots.append(_plot(figs / f"{name}_accuracy.png", "DPO implicit reward accuracy",
+                           {"train": _xy(train, "accuracy"), "held-out": _xy(evals, "accuracy")}))
+    for p in plots:
+        if p is not None:
+            rep.add("img", p)
+
+
+def _side_by_side(rep: Report, out: Path, n: int = 5) -> None:
+    ppo, dpo = _read_json(out / "step3_ppo" / "eval.json"), _read_json(out / "step3_dpo" / "eval.json")
+    sources = {name: r["samples"] for name, r in (("PPO", ppo), ("DPO", dpo)) if r.get("samples")}
+    if not sources:
+        return
+    first = next(iter(sources.values()))
+    same = all(r.get("sampling") == (ppo or dpo).get("sampling") for r in (ppo, dpo) if r)
+    rep.add("h2", "The same prompts, answered by each model")
+    rep.add("p", "Sampled with the same seed and settings; the SFT answers come from the first evaluation"
+                 + ("" if same else " (the two evaluations used different sampling settings)") + ".")
+    rows = []
+    for i, sample in enumerate(first[:n]):
+        row = [sample["prompt"], sample["baseline"]]
+        row += [s[i]["policy"] if i < len(s) and s[i]["prompt"] == sample["prompt"] else "" for s in sources.values()]
+        rows.append(row)
+    rep.add("table", (["prompt", "SFT", *sources], rows))
+
+
+def build_report(out: str | Path) -> Report:
+    """Write OUTPUT/report.md, OUTPUT/report.html and the plots under OUTPUT/report/."""
+    root = Path(out)
+    if not root.is_dir():
+        raise UserError(f"{out}: not a directory: give the chain's OUTPUT dir (e.g. outputs/demo)")
+    rep, figs = Report(root), root / "report"
+    _data_section(rep, root)
+    for name, title in STEPS.items():
+        _step_section(rep, root, name, title, figs)
+    _side_by_side(rep, root)
+    if not rep.blocks:
+        raise UserError(f"{out}: holds no step outputs (data/, step1_pretrain/, ...): run the chain first")
+    (root / "report.md").write_text(rep.markdown(), encoding="utf-8")
+    (root / "report.html").write_text(rep.html(), encoding="utf-8")
+    return rep
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0].startswith("-"):
+        raise UserError("usage: python -m utils.report OUTPUT (the chain's output dir, e.g. outputs/demo)")
+    build_report(args[0])
+    log.info("wrote %s and %s", Path(args[0]) / "report.md", Path(args[0]) / "report.html")
+
+
+if __name__ == "__main__":
+    from utils.log import setup_logging
+
+    setup_logging()
+    main()
