@@ -177,7 +177,6 @@ def build_engines(cfg, tokenizer, precision: Precision, total_updates: int) -> E
 
     actor_cfg, critic_cfg = cfg.role("actor"), cfg.role("critic")
     reward_dir = cfg.reward_model_name_or_path or cfg.critic_model_name_or_path
-    check_model_dir(cfg.actor_model_name_or_path, "causal_lm")
     _check_same_tokenizer(tokenizer, reward_dir, "reward model")
     actor_model = prepare_model(load_causal_lm(cfg.actor_model_name_or_path), actor_cfg, tokenizer)
     limit = actor_model.config.max_position_embeddings
@@ -564,6 +563,7 @@ def run_ppo(cfg, run_dir: Path, precision: Precision) -> dict[str, Any]:
     from utils.config import save_config
     from utils.step import load_tokenizer
 
+    check_model_dir(cfg.actor_model_name_or_path, "causal_lm")
     tokenizer = load_tokenizer(cfg.tokenizer_path or cfg.actor_model_name_or_path, "--tokenizer_path")
     prompts = encode_prompts(tokenizer, load_prompts(cfg.data_path, "train"), cfg.max_prompt_seq_len,
                              f"--data_path {cfg.data_path}")

@@ -42,3 +42,13 @@ run() {
 force_flag() {
     if [ "${FORCE:-0}" = "1" ]; then echo "--force"; fi
 }
+
+# up_to_date RESULT INPUT...: true when RESULT exists, is newer than every INPUT and FORCE is not 1, so an
+# evaluation of a finished step is not redone on every run of the chain
+up_to_date() {
+    local result="$1"; shift
+    [ "${FORCE:-0}" != "1" ] && [ -f "$result" ] || return 1
+    local input
+    for input in "$@"; do [ "$result" -nt "$input" ] || return 1; done
+    echo "+ $result is up to date: skipped (FORCE=1 to redo)" >&2
+}

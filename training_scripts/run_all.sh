@@ -13,5 +13,8 @@ bash "$HERE/step0.sh" "$OUTPUT"              # data_process + SentencePiece toke
 bash "$HERE/step1_pretrain.sh" "$OUTPUT"     # pretraining from scratch
 bash "$HERE/step1_sft.sh" "$OUTPUT"          # supervised fine-tuning (ChatML)
 bash "$HERE/step2.sh" "$OUTPUT"              # reward model + rw_eval on the held-out pairs
-bash "$HERE/step3.sh" "$OUTPUT"              # PPO (actor, critic, reference, reward), then PPO vs SFT
+OUTPUT="$OUTPUT" bash "$HERE/step3.sh"         # PPO (actor, critic, reference, reward), then PPO vs SFT
 bash "$HERE/step3_dpo.sh" "$OUTPUT"          # DPO, then DPO vs SFT under the reward model
+
+# the report card: OUTPUT/report.md and report.html, rebuilt from the steps' outputs
+run "$PY" -m utils.report "$OUTPUT"

@@ -24,5 +24,5 @@ launch "$REPO/step2_reward_model/main.py" \
     --eval_batches 0 \
     "${STEPS[@]}" $(force_flag) \
     --output_dir "$OUTPUT/step2_reward"
-run "$PY" "$REPO/step2_reward_model/rw_eval.py" --model "$OUTPUT/step2_reward/final" \
+up_to_date "$OUTPUT/step2_reward/rw_eval.json" "$OUTPUT/step2_reward/done" || run "$PY" "$REPO/step2_reward_model/rw_eval.py" --model "$OUTPUT/step2_reward/final" \
     --pairs "$OUTPUT/data/eval/preference.jsonl" --max_seq_len "${MAX_SEQ_LEN:-320}" --out "$OUTPUT/step2_reward/rw_eval.json"

@@ -49,6 +49,6 @@ launch "$REPO/step3_rlhf_ppo/main.py" \
     --samples_interval 10 \
     "${STEPS_ARGS[@]}" "${EXTRA[@]}" $(force_flag) \
     --output_dir "$RUN"
-run "$PY" "$REPO/step3_rlhf_ppo/evaluate.py" --policy "$RUN/final" \
+up_to_date "$RUN/eval.json" "$RUN/done" "$ACTOR_MODEL_PATH/model.safetensors" || run "$PY" "$REPO/step3_rlhf_ppo/evaluate.py" --policy "$RUN/final" \
     --baseline "$ACTOR_MODEL_PATH" --reward_model "$OUTPUT/step2_reward/final" \
     --prompts "$OUTPUT/data/eval/prompts.jsonl" --num_prompts "$EVAL_N" --out "$RUN/eval.json"

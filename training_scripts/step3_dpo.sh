@@ -28,6 +28,6 @@ launch "$REPO/step3_rlhf_ppo/dpo.py" \
     --eval_batches 0 \
     "${STEPS[@]}" $(force_flag) \
     --output_dir "$OUTPUT/step3_dpo"
-run "$PY" "$REPO/step3_rlhf_ppo/evaluate.py" --policy "$OUTPUT/step3_dpo/final" \
+up_to_date "$OUTPUT/step3_dpo/eval.json" "$OUTPUT/step3_dpo/done" "$OUTPUT/step1_sft/done" || run "$PY" "$REPO/step3_rlhf_ppo/evaluate.py" --policy "$OUTPUT/step3_dpo/final" \
     --baseline "$OUTPUT/step1_sft/final" --reward_model "$OUTPUT/step2_reward/final" \
     --prompts "$OUTPUT/data/eval/prompts.jsonl" --num_prompts "$EVAL_N" --out "$OUTPUT/step3_dpo/eval.json"
