@@ -7,8 +7,10 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
+CHROMIUM ?= /usr/bin/chromium
+CHROMEDRIVER ?= /usr/bin/chromedriver
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup browser test demo bench lint clean
 
 setup: $(STAMP)
 
@@ -20,7 +22,24 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -c "import utils, torch, deepspeed, transformers, datasets, sentencepiece, peft, snownlp, datasketch"
 	@touch $@
 
-test: setup
+# Debian's chromium + chromedriver for the chat-page browser test (tests/test_serve.py). System packages
+# live outside .venv, so they are checked on every test run (two file tests) rather than behind the stamp;
+# `make demo` does not need them.
+browser:
+	@if [ ! -x $(CHROMIUM) ] || [ ! -x $(CHROMEDRIVER) ]; then \
+	  command -v apt-get >/dev/null || { echo "make setup: $(CHROMIUM) or $(CHROMEDRIVER) is missing and" \
+	    "apt-get is not available: install chromium and its chromedriver there by hand" >&2; exit 1; }; \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  [ -z "$$sudo" ] || command -v sudo >/dev/null || { echo "make setup: $(CHROMIUM) or $(CHROMEDRIVER)" \
+	    "is missing: run as root or install sudo, or: apt-get install -y chromium chromium-driver" >&2; exit 1; }; \
+	  echo "make setup: installing chromium chromium-driver (apt-get)"; \
+	  $$sudo apt-get update -q >/dev/null && \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null || exit 1; \
+	  test -x $(CHROMIUM) && test -x $(CHROMEDRIVER) || { echo "make setup: apt-get installed chromium but" \
+	    "$(CHROMIUM) or $(CHROMEDRIVER) is still missing" >&2; exit 1; }; \
+	fi
+
+test: setup browser
 	$(PY) -m pytest -q tests
 
 demo: setup

@@ -211,6 +211,28 @@ def test_ppo_raises_a_rule_reward(ppo_dirs, chat_tokenizer, dist, tmp_path):
     assert last > first + 1.0, scores
 
 
+def test_ppo_with_pretraining_mix_lora_and_zero3(ppo_dirs, chat_tokenizer, token_dir, dist, tmp_path):
+    """The less travelled paths run together: ZeRO-3 actor (generation from the gathered copy) with LoRA,
+    ZeRO-2 critic, the ptx loss on step0-style tokens, EMA; exports reload and the EMA trails the actor."""
+    from safetensors.torch import load_file
+
+    from step3_rlhf_ppo.main import main as ppo_main
+    from utils.log import read_metrics
+
+    args = base_args(ppo_dirs, tmp_path)
+    ppo_main([*args, "--max_steps", "2", "--actor_zero_stage", "3", "--critic_zero_stage", "2", "--actor_lora_dim", "4",
+              "--ptx_data", str(token_dir), "--ptx_coef", "0.5", "--enable_ema", "--ema_decay", "0.5",
+              "--eval_interval", "0", "--save_interval", "0"])
+    train = read_metrics(tmp_path, "train")
+    assert len(train) == 2 and all(r["ptx_loss"] > 0 for r in train)
+    assert json.loads((tmp_path / "config.json").read_text())["generation_path"].startswith("own (weights gathered")
+    actor, ema = (load_file(tmp_path / d / "model.safetensors") for d in ("final", "final_ema"))
+    sft = load_file(ppo_dirs / "sft" / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    moved, ema_moved = (actor[key] - sft[key]).abs().max(), (ema[key] - sft[key]).abs().max()
+    assert 0 < ema_moved < moved  # LoRA merged into the export; the EMA lags behind it
+
+
 # ----------------------------------------------------------------------------------------------------
 # The command line: errors and resume
 

@@ -1,5 +1,7 @@
 """serve.py: OpenAI-compatible chat API and chat page over a real nano model, in-process (TestClient) and
-over a socket (uvicorn in a thread) for the queue limit and client disconnects."""
+over a socket (uvicorn in a thread) for the queue limit, client disconnects, the official openai client,
+the chat page in headless Chromium (Debian's chromium + chromium-driver, installed by make setup) and a
+bounded load of concurrent clients (bench/serve_load.py's load pattern)."""
 
 from __future__ import annotations
 
@@ -8,13 +10,17 @@ import logging
 import socket
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
+from bench.serve_load import run_load
 from step1_pretrain_sft.chat import load_for_inference
 from step1_pretrain_sft.serve import ServeConfig, StopText, create_app
 from step1_pretrain_sft.serve import main as serve_main
@@ -203,3 +209,153 @@ def test_cli_bad_model_is_one_error_line_and_exit_2(tmp_path, capsys, argv, word
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# A real server for the official openai client and the browser: max_queue 0, so while one generation
+# runs a second request is a 429
+
+
+@pytest.fixture(scope="module")
+def live(loaded, model_dir):
+    """(base URL, worker) of one uvicorn server shared by the openai-client and browser tests."""
+    app = make_app(loaded, model_dir, max_queue=0, max_body_bytes=65536)
+    with uvicorn_server(app) as base:
+        yield base, app.state.service.worker
+
+
+@pytest.fixture(scope="module")
+def openai_client(live):
+    """No retries: the client would otherwise retry a 429 after Retry-After and hide it."""
+    with openai.OpenAI(base_url=live[0] + "/v1", api_key="unused", max_retries=0, timeout=60) as client:
+        yield client
+
+
+def wait_idle(worker, timeout: float = 10.0) -> None:
+    """Until no generation runs or waits, so the next test starts on an idle server (admits one)."""
+    deadline = time.monotonic() + timeout
+    while worker.admitted and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert worker.admitted == 0, "a generation is still running"
+
+
+def assert_openai_error(err: openai.APIStatusError, status: int, param=None, code=None) -> None:
+    """The client raised for `status` and kept OpenAI's error object, field for field."""
+    assert err.status_code == status
+    body = err.response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert err.body == body["error"] and body["error"]["message"] in err.message
+    assert (err.param, err.code, err.type) == (param, code, body["error"]["type"])
+
+
+def test_openai_client_plain_and_streamed_replies_agree(openai_client):
+    assert [m.id for m in openai_client.models.list()] == ["nano-chat"]
+    args = {"model": "nano-chat", "messages": MESSAGES, "temperature": 1.0, "seed": 3, "max_tokens": 20}
+    reply = openai_client.chat.completions.create(**args)
+    text = reply.choices[0].message.content
+    assert reply.model == "nano-chat" and text and reply.usage.completion_tokens >= 1
+    with openai_client.chat.completions.create(**args, stream=True) as stream:
+        chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
+
+
+LONG = [{"role": "user", "content": "房间干净，服务热情，下次还住。" * 120}]
+
+
+@pytest.mark.parametrize("overrides, error, status, param, code", [
+    ({"temperature": "hot"}, openai.BadRequestError, 400, "temperature", None),
+    ({"model": "gpt-4o"}, openai.NotFoundError, 404, "model", "model_not_found"),
+    ({"messages": LONG}, openai.BadRequestError, 400, "messages", "context_length_exceeded"),
+    ({"messages": [{"role": "user", "content": "x" * 70_000}]}, openai.APIStatusError, 413, None,
+     "request_too_large"),
+], ids=["bad-type", "unknown-model", "prompt-too-long", "body-too-large"])
+def test_openai_client_raises_the_matching_error(openai_client, overrides, error, status, param, code):
+    args = {"model": "nano-chat", "messages": MESSAGES, "max_tokens": 2, **overrides}
+    with pytest.raises(openai.APIStatusError) as info:
+        openai_client.chat.completions.create(**args)
+    assert type(info.value) is error  # 413 has no subclass of its own in the client
+    assert_openai_error(info.value, status, param, code)
+
+
+def test_openai_client_full_queue_is_a_rate_limit_error(openai_client, live):
+    long = {"model": "nano-chat", "messages": MESSAGES, "temperature": 0, "max_tokens": 1000}
+    with openai_client.chat.completions.create(**long, stream=True) as running:
+        assert next(iter(running)).choices[0].delta.role == "assistant"  # admitted and generating
+        with pytest.raises(openai.RateLimitError) as info:
+            openai_client.chat.completions.create(model="nano-chat", messages=MESSAGES, max_tokens=2)
+    assert_openai_error(info.value, 429, code="queue_full")
+    wait_idle(live[1])  # closing the stream cancelled the generation
+
+
+# ----------------------------------------------------------------------------------------------------
+# The chat page in a real browser
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@contextmanager
+def chromium():
+    """Headless Debian chromium through its chromedriver (given paths: Selenium Manager never downloads)."""
+    from selenium import webdriver
+
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    assert not missing, f"{missing} missing: run make setup (apt-get install chromium chromium-driver)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1000,700"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(str(CHROMEDRIVER)))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_chat_page_streams_a_reply_in_headless_chromium(live, openai_client, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    prompt = "评价一下这家酒店。"
+    expected = openai_client.chat.completions.create(  # the page's settings below; greedy, so one reply
+        model="nano-chat", messages=[{"role": "user", "content": prompt}], temperature=0, top_p=0.9,
+        max_tokens=12).choices[0].message.content
+    assert expected
+    with chromium() as driver:
+        driver.get(live[0] + "/")
+        WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "model").text == "nano-chat")
+        for name, value in (("temperature", "0"), ("max_tokens", "12")):
+            field = driver.find_element(By.ID, name)
+            field.clear()
+            field.send_keys(value)
+        driver.find_element(By.ID, "prompt").send_keys(prompt)
+        driver.find_element(By.ID, "send").click()  # the button reads Stop until the stream ends
+
+        def replied(d):
+            bubbles = d.find_elements(By.CSS_SELECTOR, "#log .msg")
+            done = d.find_element(By.ID, "send").text.startswith("发送")
+            return done and len(bubbles) == 2 and bubbles[1]
+
+        reply = WebDriverWait(driver, 30).until(replied)
+        assert reply.get_attribute("class") == "msg assistant"  # not an error bubble
+        assert reply.get_property("textContent") == expected
+        shot = tmp_path / "chat.png"
+        assert driver.save_screenshot(str(shot))
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bounded load
+
+
+def test_load_every_request_is_answered_or_refused(loaded, model_dir):
+    app = make_app(loaded, model_dir, max_queue=2)
+    clients, requests = 32, 3
+    with uvicorn_server(app) as base:
+        outcomes, _ = run_load(base, clients, requests, {"messages": MESSAGES, "max_tokens": 4}, timeout=30)
+        assert httpx.get(base + "/v1/models", timeout=10).status_code == 200
+    assert [o.error for o in outcomes if o.error] == []
+    statuses = Counter(o.status for o in outcomes)
+    assert sum(statuses.values()) == clients * requests and set(statuses) <= {200, 429}, statuses
+    assert statuses[200] >= 1 and statuses[429] >= 1, statuses  # the queue bound was reached, not lost
