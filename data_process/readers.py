@@ -244,16 +244,27 @@ def _starts_with_object(path: Path) -> bool:
         return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"{"
 
 
-def read_records(inputs: list[str], txt_mode: str = "auto") -> Iterator[Record]:
-    """Every record of every input, in order, as canonical `Record`s."""
+def _input_files(inputs: list[str]) -> Iterator[Path]:
     for name in inputs:
         for path in _files(Path(name).expanduser()):
             if path.is_file() and path.stat().st_size == 0:
                 raise UserError(f"{path}: file is empty; remove it from --input or fill it")
-            kind, count = None, 0
-            for where, row in _rows(path, txt_mode):
-                kind = kind or row_kind(row, where)
-                count += 1
-                yield Record(kind, canonical(kind, row, where), where)
-            if count == 0:
-                raise UserError(f"{path}: holds no records (only blank lines); remove it from --input")
+            yield path
+
+
+def raw_rows(inputs: list[str], txt_mode: str = "auto") -> Iterator[tuple[str, Any]]:
+    """(where, row) of every input as read, before any kind check (for tools with their own fields)."""
+    for path in _input_files(inputs):
+        yield from _rows(path, txt_mode)
+
+
+def read_records(inputs: list[str], txt_mode: str = "auto") -> Iterator[Record]:
+    """Every record of every input, in order, as canonical `Record`s."""
+    for path in _input_files(inputs):
+        kind, count = None, 0
+        for where, row in _rows(path, txt_mode):
+            kind = kind or row_kind(row, where)
+            count += 1
+            yield Record(kind, canonical(kind, row, where), where)
+        if count == 0:
+            raise UserError(f"{path}: holds no records (only blank lines); remove it from --input")

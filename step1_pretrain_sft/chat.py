@@ -21,11 +21,11 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
 
 from utils.config import option, parse_config, require
 from utils.errors import UserError, main_guard
 from utils.generation import CallbackStreamer, SamplingConfig, generate_ids, generate_replies
+from utils.model import load_for_inference
 from utils.tasks import read_jsonl
 
 
@@ -60,20 +60,6 @@ class ChatConfig:
         temperature = 0.0 if self.greedy else self.temperature
         return SamplingConfig(self.max_new_tokens, temperature, self.top_k, self.top_p, self.repetition_penalty,
                               self.seed)
-
-
-def load_for_inference(path: str):
-    """Model (eval mode, on the GPU if there is one) and tokenizer of an exported causal-LM dir."""
-    from transformers import AutoTokenizer
-
-    from utils.model import load_causal_lm
-
-    model = load_causal_lm(path).eval()
-    if torch.cuda.is_available():
-        model = model.to("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    if not (Path(path) / "tokenizer_config.json").is_file():
-        raise UserError(f"{path}: no tokenizer saved beside the model: export it with its tokenizer")
-    return model, AutoTokenizer.from_pretrained(path)
 
 
 def read_prompts(path: str) -> list[dict]:

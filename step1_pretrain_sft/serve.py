@@ -41,12 +41,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from step1_pretrain_sft.chat import load_for_inference
 from utils.chat import prompt_ids
 from utils.config import option, parse_config, require
 from utils.errors import main_guard
 from utils.generation import CallbackStreamer, SamplingConfig, generate_ids
 from utils.log import setup_logging
+from utils.model import load_for_inference
 
 log = logging.getLogger("serve")
 PAGE = Path(__file__).with_name("chat_page.html")

@@ -21,11 +21,11 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from bench.serve_load import run_load
-from step1_pretrain_sft.chat import load_for_inference
 from step1_pretrain_sft.serve import ServeConfig, StopText, create_app
 from step1_pretrain_sft.serve import main as serve_main
 from utils.chat import prompt_ids
 from utils.generation import SamplingConfig, generate_ids, generate_replies
+from utils.model import load_for_inference
 
 CONTEXT = 1024
 URL = "/v1/chat/completions"

@@ -147,3 +147,16 @@ def merge_lora_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[
                 value = value + scale * (b.float() @ a.float()).to(value.dtype)
         merged[name] = value
     return merged
+
+
+def load_for_inference(path: str | Path):
+    """Model (eval mode; on the GPU in bf16/fp16 if there is one) and tokenizer of an exported causal-LM dir,
+    for chat.py, serve.py and make_pairs.py."""
+    from transformers import AutoTokenizer
+
+    model = load_causal_lm(path).eval()
+    if torch.cuda.is_available():
+        model = model.to("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    if not (Path(path) / "tokenizer_config.json").is_file():
+        raise UserError(f"{path}: no tokenizer saved beside the model: export it with its tokenizer")
+    return model, AutoTokenizer.from_pretrained(path)
