@@ -33,7 +33,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.config import option, parse_config, require
+from utils.config import option, parse_config, require, require_non_negative, require_positive
 from utils.errors import UserError, main_guard
 
 log = logging.getLogger("make_pairs")
@@ -68,10 +68,8 @@ class PairsConfig:
         require(bool(self.model), "model", self.model, "give the SFT export (OUT/step1_sft/final)")
         require(bool(self.data), "data", self.data, "give at least one input file")
         require(bool(self.out), "out", self.out, "give an output dir")
-        for name in ("max_rows", "top_k", "seed"):
-            require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
-        for name in ("max_new_tokens", "batch_size", "min_edit_distance"):
-            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        require_non_negative(self, "max_rows", "top_k", "seed")
+        require_positive(self, "max_new_tokens", "batch_size", "min_edit_distance")
         require(self.temperature >= 0, "temperature", self.temperature, "must be >= 0")
         require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
         require(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "must be > 0")

@@ -22,7 +22,15 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.config import SCHEDULERS, RunConfig, TrainConfig, option, require
+from utils.config import (
+    SCHEDULERS,
+    RunConfig,
+    TrainConfig,
+    option,
+    require,
+    require_non_negative,
+    require_positive,
+)
 from utils.errors import main_guard
 
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -105,22 +113,18 @@ class PPOConfig(RunConfig):
         require(bool(self.critic_model_name_or_path), "critic_model_name_or_path", self.critic_model_name_or_path,
                 "give the step 2 reward model export (OUT/step2_reward/final)")
         require(bool(self.data_path), "data_path", self.data_path, "give data_process's prompts/ dir or a .jsonl")
-        for name in ("max_prompt_seq_len", "max_answer_seq_len", "per_device_generation_batch_size",
-                     "per_device_training_batch_size", "gradient_accumulation_steps", "ppo_epochs",
-                     "num_train_epochs", "per_device_eval_batch_size", "kl_horizon"):
-            require(getattr(self, name) >= 1, name, getattr(self, name), "must be a positive integer")
-        for name in ("max_steps", "num_warmup_steps", "top_k", "actor_lora_dim", "critic_lora_dim",
-                     "samples_interval"):
-            require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+        require_positive(self, "max_prompt_seq_len", "max_answer_seq_len", "per_device_generation_batch_size",
+                         "per_device_training_batch_size", "gradient_accumulation_steps", "ppo_epochs",
+                         "num_train_epochs", "per_device_eval_batch_size", "kl_horizon")
+        require_non_negative(self, "max_steps", "num_warmup_steps", "top_k", "actor_lora_dim", "critic_lora_dim",
+                             "samples_interval", "actor_weight_decay", "critic_weight_decay", "init_kl_coef",
+                             "target_kl", "reward_clip", "ptx_coef", "max_approx_kl", "gradient_clipping")
         mini = self.per_device_training_batch_size * self.gradient_accumulation_steps
         require(self.per_device_generation_batch_size % mini == 0, "per_device_generation_batch_size",
                 self.per_device_generation_batch_size, f"must be a multiple of per_device_training_batch_size x "
                 f"gradient_accumulation_steps = {mini}")
         for name in ("actor_learning_rate", "critic_learning_rate", "temperature", "cliprange", "cliprange_value"):
             require(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
-        for name in ("actor_weight_decay", "critic_weight_decay", "init_kl_coef", "target_kl", "reward_clip",
-                     "ptx_coef", "max_approx_kl", "gradient_clipping"):
-            require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
         require(0 <= self.gamma <= 1, "gamma", self.gamma, "must be in [0, 1]")
         require(0 <= self.lam <= 1, "lam", self.lam, "must be in [0, 1]")

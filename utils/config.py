@@ -43,6 +43,18 @@ def require(ok: bool, name: str, value: Any, fix: str) -> None:
         raise UserError(f"--{name}={value!r} is invalid: {fix}")
 
 
+def require_positive(cfg: Any, *names: str) -> None:
+    """Each named option must be an integer >= 1."""
+    for name in names:
+        require(getattr(cfg, name) >= 1, name, getattr(cfg, name), "must be a positive integer")
+
+
+def require_non_negative(cfg: Any, *names: str) -> None:
+    """Each named option must be >= 0."""
+    for name in names:
+        require(getattr(cfg, name) >= 0, name, getattr(cfg, name), "must be >= 0")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Option groups shared by the training steps
 
@@ -69,12 +81,8 @@ class RunConfig:
     def validate(self) -> None:
         """Check every value; raise UserError naming the first bad flag and the fix."""
         require(bool(self.output_dir), "output_dir", self.output_dir, "give a directory to write to")
-        for name in ("keep_last", "log_interval", "max_bad_steps"):
-            value = getattr(self, name)
-            require(value >= 1, name, value, "must be a positive integer")
-        for name in ("eval_interval", "save_interval", "eval_batches"):
-            value = getattr(self, name)
-            require(value >= 0, name, value, "must be >= 0")
+        require_positive(self, "keep_last", "log_interval", "max_bad_steps")
+        require_non_negative(self, "eval_interval", "save_interval", "eval_batches")
         require(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, "must be >= 0")
 
 
@@ -118,13 +126,9 @@ class TrainConfig(RunConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "max_seq_len", "num_train_epochs"):
-            value = getattr(self, name)
-            require(value >= 1, name, value, "must be a positive integer")
-        for name in ("max_steps", "num_warmup_steps", "lora_dim"):
-            value = getattr(self, name)
-            require(value >= 0, name, value, "must be >= 0")
+        require_positive(self, "per_device_train_batch_size", "per_device_eval_batch_size",
+                         "gradient_accumulation_steps", "max_seq_len", "num_train_epochs")
+        require_non_negative(self, "max_steps", "num_warmup_steps", "lora_dim")
         require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be > 0, e.g. 3e-4")
         require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         require(0 <= self.adam_beta1 < 1, "adam_beta1", self.adam_beta1, "must be in [0, 1)")
