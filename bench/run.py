@@ -1,0 +1,285 @@
+"""Benchmarks (not tests): `make bench` = `python -m bench.run [--only NAME ...] [--windows 3]`.
+
+Every figure is the median of >= 3 timed windows after a warm-up, with min and max, and every comparison a
+ratio measured in the same run (absolute speeds drift on shared machines; ratios hold). Two threads on two
+cores collapse when another process takes CPU time, so each window records the CPU time other processes
+used meanwhile (from /proc) and a window disturbed by more than --max_foreign of its length is run again.
+Results: bench/results/<name>.json (gitignored) and a table printed for docs/BENCHMARKS.md.
+
+Suites:
+  train       tokens/s of one optimizer step on the tiny preset (seq 256, micro batch 8, fp32, random tokens):
+              plain PyTorch loop, our loop (utils.trainer) under ZeRO 0-3, transformers Trainer; MFU.
+  generate    new tokens/s of HF generate with and without KV cache, and of PPO's own generation path
+              (utils.hybrid) at ZeRO-0 and ZeRO-3, batch 1 and 8 (prompt 32, 128 new tokens, sampling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from importlib.metadata import version
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEQ, MICRO = 256, 8
+
+
+# ----------------------------------------------------------------------------------------------------
+# Timing with a foreign-load check
+
+
+def _foreign_cpu_seconds() -> float:
+    """CPU seconds used by every process except this one (user + system, from /proc/stat minus ours)."""
+    with open("/proc/stat", encoding="utf-8") as f:
+        fields = f.readline().split()[1:]
+    ticks = os.sysconf("SC_CLK_TCK")
+    busy = sum(int(x) for i, x in enumerate(fields) if i not in (3, 4)) / ticks  # all but idle and iowait
+    own = sum(os.times()[:4])
+    return busy - own
+
+
+def timed_windows(step: Callable[[], float], *, steps: int, windows: int, warmup: int,
+                  max_foreign: float) -> dict[str, float]:
+    """Run `warmup` steps, then `windows` windows of `steps` steps; `step()` returns the work it did
+    (tokens). Windows where other processes used more than max_foreign x the window's length are redone
+    (at most 3 times each)."""
+    for _ in range(warmup):
+        step()
+    rates, redone = [], 0
+    while len(rates) < windows:
+        f0, t0 = _foreign_cpu_seconds(), time.perf_counter()
+        work = sum(step() for _ in range(steps))
+        dt = time.perf_counter() - t0
+        foreign = _foreign_cpu_seconds() - f0
+        if foreign > max_foreign * dt and redone < 3 * windows:
+            redone += 1
+            continue
+        rates.append(work / dt)
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "windows": len(rates),
+            "redone": redone}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models and data
+
+
+def tiny_model(seed: int = 0):
+    from utils.model import create_causal_lm
+
+    return create_causal_lm("tiny", 8192, 2048, seed=seed)
+
+
+def random_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    ids = torch.randint(5, 8192, (MICRO, SEQ), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def matmul_peak() -> float:
+    from utils.trainer import measure_peak_flops
+
+    return measure_peak_flops(torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Suite: training throughput
+
+
+def plain_step_fn() -> Callable[[], float]:
+    model = tiny_model().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = random_batch()
+
+    def step() -> float:
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(MICRO * SEQ)
+    return step
+
+
+def our_loop_step_fn(stage: int) -> Callable[[], float]:
+    """One optimizer step of utils.trainer's loop (normalisation, NaN guard, metrics) on a DeepSpeed engine."""
+    from utils.config import TrainConfig
+    from utils.data import stack_collate
+    from utils.dist import choose_precision
+    from utils.engine import init_engine
+    from utils.lm import CausalLMTask
+    from utils.trainer import MicroBatchStream, Trainer
+
+    cfg = TrainConfig(output_dir="/tmp/bench-run", zero_stage=stage, per_device_train_batch_size=MICRO,
+                      max_seq_len=SEQ, eval_interval=0, save_interval=0, enable_tensorboard=False)
+    precision = choose_precision("fp32")
+    engine = init_engine(tiny_model(), cfg, precision, total_steps=10_000)
+    rows = [random_batch(i) for i in range(64)]
+    data = [{k: v[j] for k, v in b.items()} for b in rows for j in range(MICRO)]
+    trainer = Trainer(cfg, engine, data, stack_collate, CausalLMTask([], stack_collate, MICRO, 0), precision=precision,
+                      total_steps=10_000, flops_per_token=0.0, run_dir="/tmp/bench-run")
+    stream = MicroBatchStream(data, stack_collate, trainer.plan, trainer.state, engine.device)
+    engine.train()
+
+    def step() -> float:
+        return float(trainer._train_step(stream)["tokens"])
+    return step
+
+
+def hf_trainer_step_fn() -> Callable[[], float]:
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model()
+    data = [{k: v[j] for k, v in random_batch(i).items()} for i in range(64) for j in range(MICRO)]
+    args = TrainingArguments(output_dir="/tmp/bench-hf", per_device_train_batch_size=MICRO, max_steps=10_000,
+                             report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+                             dataloader_num_workers=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
+    loader = iter(trainer.get_train_dataloader())
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop, which this drives step by step
+    model.train()
+
+    def step() -> float:
+        nonlocal loader
+        try:
+            batch = next(loader)
+        except StopIteration:
+            loader = iter(trainer.get_train_dataloader())
+            batch = next(loader)
+        trainer.training_step(model, batch)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        model.zero_grad(set_to_none=True)
+        return float(MICRO * SEQ)
+    return step
+
+
+def suite_train(args) -> dict:
+    from utils.model import count_parameters, flops_per_token
+
+    kw = {"steps": args.steps, "windows": args.windows, "warmup": 3, "max_foreign": args.max_foreign}
+    out: dict = {"config": {"preset": "tiny", "seq": SEQ, "micro_batch": MICRO, "dtype": "fp32"}}
+    out["plain"] = timed_windows(plain_step_fn(), **kw)
+    for stage in (0, 1, 2, 3):
+        out[f"ours_zero{stage}"] = timed_windows(our_loop_step_fn(stage), **kw)
+    out["hf_trainer"] = timed_windows(hf_trainer_step_fn(), **kw)
+    model = tiny_model()
+    fpt = flops_per_token(count_parameters(model), model.config.num_hidden_layers, model.config.hidden_size, SEQ)
+    peak = matmul_peak()
+    base = out["plain"]["median"]
+    out["ratios"] = {k: v["median"] / base for k, v in out.items() if isinstance(v, dict) and "median" in v}
+    out["ratios"]["ours_zero0_vs_hf_trainer"] = out["ours_zero0"]["median"] / out["hf_trainer"]["median"]
+    out["mfu"] = {k: v["median"] * fpt / peak for k, v in out.items() if isinstance(v, dict) and "median" in v}
+    out["peak_flops"] = peak
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Suite: generation
+
+
+class _GenTokenizer:
+    """The ids generation needs; the stop ids are outside the vocabulary, so every row runs the full length."""
+
+    pad_token_id, eos_token_id, unk_token_id = 4, 10**6, 0
+
+    def convert_tokens_to_ids(self, _token: str) -> int:
+        return 10**6 + 1
+
+
+def hf_generate_fn(ids: torch.Tensor, new: int, cache: bool) -> Callable[[], float]:
+    model = tiny_model().eval()
+
+    def step() -> float:
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 max_new_tokens=new, min_new_tokens=new, use_cache=cache, pad_token_id=4)
+        return float((out.shape[1] - ids.shape[1]) * ids.shape[0])
+    return step
+
+
+def own_generate_fn(ids: torch.Tensor, new: int, stage: int) -> Callable[[], float]:
+    """PPO's own generation path (utils.hybrid) on a DeepSpeed engine at ZeRO `stage`."""
+    from utils.config import TrainConfig
+    from utils.dist import choose_precision
+    from utils.engine import init_engine
+    from utils.generation import SamplingConfig
+    from utils.hybrid import GenerationSwitch
+
+    cfg = TrainConfig(output_dir="/tmp/bench-gen", zero_stage=stage, per_device_train_batch_size=ids.shape[0])
+    engine = init_engine(tiny_model(), cfg, choose_precision("fp32"), 10)
+    switch = GenerationSwitch(engine, _GenTokenizer(), stage, use_hybrid_engine=False, lora_scale=None)
+    sampling = SamplingConfig(max_new_tokens=new, temperature=1.0)
+    mask = torch.ones_like(ids)
+
+    def step() -> float:
+        return float(switch.generate(ids, mask, sampling).shape[1] * ids.shape[0])
+    return step
+
+
+def suite_generate(args) -> dict:
+    new = 128
+    out: dict = {"config": {"preset": "tiny", "prompt": 32, "new_tokens": new, "sampling": "temperature 1"}}
+    kw = {"steps": 1, "windows": args.windows, "warmup": 1, "max_foreign": args.max_foreign}
+    for batch in (1, 8):
+        ids = torch.randint(5, 8192, (batch, 32), generator=torch.Generator().manual_seed(batch))
+        runs = {f"generate_b{batch}_cache": hf_generate_fn(ids, new, True),
+                f"generate_b{batch}_nocache": hf_generate_fn(ids, new, False),
+                f"own_b{batch}_zero0": own_generate_fn(ids, new, 0),
+                f"own_b{batch}_zero3": own_generate_fn(ids, new, 3)}
+        for name, fn in runs.items():
+            out[name] = timed_windows(fn, **kw)
+        base = out[f"generate_b{batch}_cache"]["median"]
+        for name in runs:
+            out[f"ratio_{name}_vs_cache"] = out[name]["median"] / base
+    return out
+
+
+SUITES = {"train": suite_train, "generate": suite_generate}
+
+
+def environment() -> dict:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.processor())
+    from utils.dist import cpu_has_fast_bf16
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "fast_bf16": cpu_has_fast_bf16(), "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "packages": {p: version(p) for p in ("torch", "deepspeed", "transformers")},
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=sorted(SUITES), default=sorted(SUITES))
+    parser.add_argument("--windows", type=int, default=3, help="timed windows per figure (median reported)")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per training window")
+    parser.add_argument("--max_foreign", type=float, default=0.05,
+                        help="redo a window when other processes used more CPU than this share of it")
+    args = parser.parse_args(argv)
+    from utils.dist import init_distributed
+    from utils.log import setup_logging
+
+    setup_logging()
+    init_distributed()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report = {"environment": environment()}
+    for name in args.only:
+        report[name] = SUITES[name](args)
+        (RESULTS / f"{name}.json").write_text(json.dumps({"environment": report["environment"], name: report[name]},
+                                                         indent=1), encoding="utf-8")
+        print(json.dumps({name: report[name]}, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
