@@ -109,8 +109,10 @@ def main(argv: list[str] | None = None) -> dict:
     rm_tokenizer = AutoTokenizer.from_pretrained(cfg.reward_model)
     report: dict = {"prompts": len(prompts), "sampling": vars(sampling), "models": {}}
     answers: dict[str, list[str]] = {}
+    models = {}
     for name, path in (("baseline", cfg.baseline), ("policy", cfg.policy)):
         model, tokenizer = load_causal_lm(path).eval(), AutoTokenizer.from_pretrained(path)
+        models[name] = model
         answers[name] = generate_replies(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
                                          sampling, cfg.batch_size)
         seqs = [render_response(rm_tokenizer, p, a) for p, a in zip(prompts, answers[name], strict=True)]
@@ -123,7 +125,6 @@ def main(argv: list[str] | None = None) -> dict:
             "scores": scores,
         }
     # KL(policy || baseline) per answer, estimated on the policy's own samples: sum of log-ratios
-    models = {name: load_causal_lm(path).eval() for name, path in (("baseline", cfg.baseline), ("policy", cfg.policy))}
     tok = AutoTokenizer.from_pretrained(cfg.policy)
     logps = {name: reply_logps(m, tok, prompts, answers["policy"], cfg.temperature, cfg.batch_size)
              for name, m in models.items()}

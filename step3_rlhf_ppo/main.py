@@ -138,6 +138,11 @@ class PPOConfig(RunConfig):
         require(not (self.offload_reference_model and self.actor_zero_stage != 3), "offload_reference_model",
                 self.offload_reference_model, "offloading the reference's weights needs --actor_zero_stage 3")
 
+    def lora_scale(self, name: str) -> float | None:
+        """alpha / dim of the actor's or critic's LoRA adapters (None without LoRA): what merging folds in."""
+        dim = getattr(self, f"{name}_lora_dim")
+        return self.lora_alpha / dim if dim else None
+
     def role(self, name: str) -> TrainConfig:
         """The single-model training options of the actor or the critic, for utils.engine/utils.step."""
         return TrainConfig(

@@ -84,6 +84,11 @@ class Experience:
     def actions(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_width:]
 
+    @property
+    def seq_kl(self) -> torch.Tensor:
+        """(B,) per-reply KL estimate to the reference: sum over reply tokens of logp - logp_ref."""
+        return ((self.logprobs - self.ref_logprobs) * self.mask).sum(-1)
+
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
                 "position_ids": self.position_ids}
@@ -108,6 +113,12 @@ def reply_mask(tokens: torch.Tensor, stops: list[int], pad_id: int) -> tuple[tor
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens (0 at each row's first one), as generate computes them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def reply_values(critic, head: torch.nn.Module, exp: Experience) -> torch.Tensor:
+    """(B, R) critic values of the states each reply token is taken from (aligned like reply_logits)."""
+    values = token_values(critic, head, **exp.model_inputs())
+    return values[:, exp.prompt_width - 1:exp.prompt_width - 1 + exp.actions.shape[1]]
 
 
 def reply_logits(model, exp: Experience) -> torch.Tensor:
@@ -192,7 +203,7 @@ def build_engines(cfg, tokenizer, precision: Precision, total_updates: int) -> E
     reference = _frozen_engine(load_causal_lm(cfg.actor_model_name_or_path), cfg, cfg.actor_zero_stage,
                                cfg.offload_reference_model, precision)
     reward = _frozen_engine(load_reward_model(reward_dir), cfg, cfg.critic_zero_stage, False, precision)
-    actor_scale = cfg.lora_alpha / cfg.actor_lora_dim if cfg.actor_lora_dim else None
+    actor_scale = cfg.lora_scale("actor")
     switch = GenerationSwitch(actor, tokenizer, cfg.actor_zero_stage, use_he, actor_scale)
     log.info("generation path: %s (%s)", switch.path, why)
     ema = EMA(merged_weights(actor.module, cfg.actor_zero_stage, actor_scale), cfg.ema_decay) if cfg.enable_ema else None
@@ -313,10 +324,8 @@ class PPOTrainer:
         exp = self.rollout(batch, seed)
         with self.precision.autocast_context():
             self.e.critic.eval()
-            values = token_values(self.e.critic, self.e.value_head, **exp.model_inputs())
+            exp.values = reply_values(self.e.critic, self.e.value_head, exp) * exp.mask
             self.e.critic.train()
-        width = exp.actions.shape[1]
-        exp.values = values[:, exp.prompt_width - 1:exp.prompt_width - 1 + width] * exp.mask
         exp.rewards, _ = kl_penalised_rewards(exp.logprobs, exp.ref_logprobs, exp.scores, exp.mask, self.kl.value,
                                               self.cfg.reward_clip)
         exp.advantages, exp.returns = gae(exp.rewards, exp.values, exp.mask, self.cfg.gamma, self.cfg.lam)
@@ -340,9 +349,7 @@ class PPOTrainer:
         return total, out
 
     def _critic_loss(self, mb: Experience, scale: float) -> tuple[torch.Tensor, dict[str, float]]:
-        values = token_values(self.e.critic, self.e.value_head, **mb.model_inputs())
-        width = mb.actions.shape[1]
-        values = values[:, mb.prompt_width - 1:mb.prompt_width - 1 + width]
+        values = reply_values(self.e.critic, self.e.value_head, mb)
         loss, stats = value_loss(values, mb.values, mb.returns, mb.mask, self.cfg.cliprange_value)
         return loss * scale, {"value_loss": loss.item(), **{k: v.item() for k, v in stats.items()}}
 
@@ -412,12 +419,11 @@ class PPOTrainer:
         record = self.update(exp)
         t2 = time.perf_counter()
         mask, n_tokens = exp.mask, exp.mask.sum().item()
-        seq_kl = ((exp.logprobs - exp.ref_logprobs) * mask).sum(-1)
         n_rows = all_reduce_sum(float(mask.shape[0]))
         record.update(
             score_mean=all_reduce_sum(exp.scores.sum().item()) / n_rows, score_std=_global_std(exp.scores),
             reward_mean=all_reduce_sum(exp.rewards.sum().item()) / n_rows,
-            kl=all_reduce_sum(seq_kl.sum().item()) / n_rows, kl_coef=self.kl.value,
+            kl=all_reduce_sum(exp.seq_kl.sum().item()) / n_rows, kl_coef=self.kl.value,
             entropy=_global_mean((exp.entropy * mask).sum().item(), n_tokens),
             response_length=all_reduce_sum(n_tokens) / n_rows,
             advantages_mean=_global_mean(raw_adv.sum().item(), n_tokens), advantages_std=_global_std(raw_adv[mask > 0]),
@@ -430,8 +436,7 @@ class PPOTrainer:
                       experience_seconds=t1 - t0, train_seconds=t2 - t1)
         self.kl.update(record["kl"], int(n_rows))
         if self.e.ema is not None:
-            scale = cfg.lora_alpha / cfg.actor_lora_dim if cfg.actor_lora_dim else None
-            self.e.ema.update(merged_weights(self.e.actor.module, cfg.actor_zero_stage, scale))
+            self.e.ema.update(merged_weights(self.e.actor.module, cfg.actor_zero_stage, cfg.lora_scale("actor")))
         return record, exp
 
     @torch.no_grad()
@@ -446,7 +451,7 @@ class PPOTrainer:
             exp = self.rollout(batch, self.cfg.seed + 7919 * k + get_rank())
             if real:
                 sums["score"] += exp.scores.sum().item()
-                sums["kl"] += ((exp.logprobs - exp.ref_logprobs) * exp.mask).sum().item()
+                sums["kl"] += exp.seq_kl.sum().item()
                 sums["length"] += exp.mask.sum().item()
                 sums["n"] += exp.mask.shape[0]
         totals = {k: all_reduce_sum(v) for k, v in sums.items()}
@@ -456,6 +461,7 @@ class PPOTrainer:
     def write_samples(self, step: int, exp: Experience) -> None:
         if not is_rank0():
             return
+        seq_kl = exp.seq_kl.tolist()
         with open(self.run_dir / SAMPLES, "a", encoding="utf-8") as f:
             for i in range(exp.input_ids.shape[0]):
                 prompt = exp.input_ids[i, :exp.prompt_width][exp.attention_mask[i, :exp.prompt_width] > 0]
@@ -464,7 +470,7 @@ class PPOTrainer:
                     "step": step, "prompt": self.tokenizer.decode(prompt.tolist(), skip_special_tokens=True),
                     "response": self.tokenizer.decode(reply, skip_special_tokens=True),
                     "score": round(exp.scores[i].item(), 4),
-                    "kl": round(((exp.logprobs[i] - exp.ref_logprobs[i]) * exp.mask[i]).sum().item(), 4)},
+                    "kl": round(seq_kl[i], 4)},
                     ensure_ascii=False) + "\n")
 
     def _truncate_samples(self, step: int) -> None:
@@ -582,12 +588,10 @@ def run_ppo(cfg, run_dir: Path, precision: Precision) -> dict[str, Any]:
     log.info("PPO: actor %.2fM, critic %.2fM parameters; %d prompts, %d PPO steps, %s", engines.parameters["actor"] / 1e6,
              engines.parameters["critic"] / 1e6, len(prompts), total_steps, precision.name)
     summary = PPOTrainer(cfg, run_dir, engines, tokenizer, prompts, evals, precision, total_steps, ptx).fit()
-    actor_scale = cfg.lora_alpha / cfg.actor_lora_dim if cfg.actor_lora_dim else None
-    critic_scale = cfg.lora_alpha / cfg.critic_lora_dim if cfg.critic_lora_dim else None
     export_hf(engines.actor.module, run_dir / "final", zero_stage=cfg.actor_zero_stage, tokenizer=tokenizer,
-              lora_scale=actor_scale)
+              lora_scale=cfg.lora_scale("actor"))
     export_hf(engines.critic.module, run_dir / "critic", zero_stage=cfg.critic_zero_stage, tokenizer=tokenizer,
-              lora_scale=critic_scale)
+              lora_scale=cfg.lora_scale("critic"))
     if engines.ema is not None:
         ema_model = load_causal_lm(cfg.actor_model_name_or_path)
         ema_model.load_state_dict(engines.ema.state, strict=False)

@@ -98,7 +98,8 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def _plot(path: Path, title: str, series: dict[str, tuple[list[float], list[float]]], ylabel: str = "") -> Path | None:
+def _plot(path: Path, title: str, series: dict[str, tuple[list[float], list[float]]], ylabel: str = "",
+          xlabel: str = "optimizer step") -> Path | None:
     """One line per named (x, y) series; None when there is nothing to draw."""
     series = {k: v for k, v in series.items() if v[0]}
     if not series:
@@ -112,7 +113,7 @@ def _plot(path: Path, title: str, series: dict[str, tuple[list[float], list[floa
     for name, (x, y) in series.items():
         ax.plot(x, y, label=name, marker="o" if len(x) < 15 else None, markersize=3)
     ax.set_title(title)
-    ax.set_xlabel("optimizer step" if "PPO" not in title else "PPO step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if len(series) > 1:
@@ -210,7 +211,7 @@ def _step_section(rep: Report, out: Path, name: str, title: str, figs: Path) -> 
         _eval_table(rep, run)
         for key, label in (("score_mean", "reward-model score"), ("kl", "KL to the reference (per reply)"),
                            ("entropy", "entropy (per token)"), ("response_length", "reply length (tokens)")):
-            plots.append(_plot(figs / f"{name}_{key}.png", f"PPO {label}", {key: _xy(train, key)}))
+            plots.append(_plot(figs / f"{name}_{key}.png", f"PPO {label}", {key: _xy(train, key)}, xlabel="PPO step"))
     elif name == "step3_dpo":
         _eval_table(rep, run)
         plots.append(_plot(figs / f"{name}_margin.png", "DPO implicit reward margin",
