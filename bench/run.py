@@ -11,6 +11,9 @@ Suites:
               plain PyTorch loop, our loop (utils.trainer) under ZeRO 0-3, transformers Trainer; MFU.
   generate    new tokens/s of HF generate with and without KV cache, and of PPO's own generation path
               (utils.hybrid) at ZeRO-0 and ZeRO-3, batch 1 and 8 (prompt 32, 128 new tokens, sampling).
+  ppo         samples/s of a PPO step on the demo's SFT and reward-model exports (--demo OUT), its time
+              breakdown (generation; actor, reference, reward and critic forwards; actor and critic
+              training), and how both grow with the generation batch (8, 16, 32) and reply length (32-128).
 """
 
 from __future__ import annotations
@@ -244,7 +247,70 @@ def suite_generate(args) -> dict:
     return out
 
 
-SUITES = {"train": suite_train, "generate": suite_generate}
+# ----------------------------------------------------------------------------------------------------
+# Suite: a PPO step
+
+
+def ppo_step_fn(demo: Path, gen_batch: int, answer_len: int, record: list) -> Callable[[], float]:
+    """One PPO step of step3.sh's configuration on the demo's SFT and reward-model exports (actor, reference,
+    critic, reward model), with the generation batch and reply length given; each step's metrics line
+    (time breakdown included) is appended to `record`."""
+    import tempfile
+
+    from step3_rlhf_ppo.main import PPOConfig
+    from step3_rlhf_ppo.ppo_trainer import PPOTrainer, build_engines, encode_prompts
+    from utils.config import parse_config
+    from utils.dist import choose_precision
+    from utils.preference import load_prompts
+    from utils.step import load_tokenizer
+    from utils.trainer import MicroBatchStream
+
+    out = tempfile.mkdtemp(prefix="bench-ppo-")
+    cfg = parse_config(PPOConfig, [
+        "--actor_model_name_or_path", str(demo / "step1_sft" / "final"),
+        "--critic_model_name_or_path", str(demo / "step2_reward" / "final"), "--data_path", str(demo / "data" / "prompts"),
+        "--output_dir", out, "--per_device_generation_batch_size", str(gen_batch),
+        "--per_device_training_batch_size", str(min(8, gen_batch)), "--max_answer_seq_len", str(answer_len),
+        "--temperature", "0.7", "--top_p", "0.9", "--actor_learning_rate", "1e-5", "--critic_learning_rate", "1e-5",
+        "--init_kl_coef", "0.5", "--dtype", "fp32", "--max_steps", "1000", "--eval_interval", "0",
+        "--save_interval", "0", "--samples_interval", "0", "--enable_tensorboard", "false"])
+    precision = choose_precision("fp32")
+    tokenizer = load_tokenizer(cfg.actor_model_name_or_path)
+    prompts = encode_prompts(tokenizer, load_prompts(cfg.data_path), cfg.max_prompt_seq_len, "bench")
+    engines = build_engines(cfg, tokenizer, precision, total_updates=2000)
+    trainer = PPOTrainer(cfg, Path(out), engines, tokenizer, prompts, [], precision, 1000, None)
+    stream = MicroBatchStream(trainer.prompts, trainer.collate, trainer.plan, trainer.state, trainer.device)
+
+    def step() -> float:
+        metrics, exp = trainer.train_step(next(stream))
+        trainer.state.step += 1
+        record.append(metrics)
+        return float(exp.input_ids.shape[0])
+    return step
+
+
+def suite_ppo(args) -> dict:
+    demo = Path(args.demo)
+    if not (demo / "step2_reward" / "done").is_file() or not (demo / "step1_sft" / "done").is_file():
+        return {"skipped": f"no finished SFT and reward model under {demo}: run make demo first (or --demo OUT)"}
+    out: dict = {"config": {"models": str(demo), "ppo": "step3.sh defaults (train batch 8, 1 PPO epoch, fp32)"}}
+    kw = {"steps": 2, "windows": args.windows, "warmup": 1, "max_foreign": args.max_foreign}
+    for gen_batch, answer_len in ((16, 64), (8, 64), (32, 64), (16, 32), (16, 128)):
+        record: list = []
+        name = f"gen{gen_batch}_answer{answer_len}"
+        result = timed_windows(ppo_step_fn(demo, gen_batch, answer_len, record), **kw)
+        timed = record[1:]  # the warm-up step is left out
+        parts = sorted(k for k in timed[0] if k.startswith("time_"))
+        step_seconds = statistics.mean(r["experience_seconds"] + r["train_seconds"] for r in timed)
+        result.update(samples_per_s=result["median"], step_seconds=step_seconds,
+                      response_tokens=statistics.mean(r["response_length"] for r in timed),
+                      breakdown={p.removeprefix("time_"): statistics.mean(r[p] for r in timed) / step_seconds
+                                 for p in parts})
+        out[name] = result
+    return out
+
+
+SUITES = {"train": suite_train, "generate": suite_generate, "ppo": suite_ppo}
 
 
 def environment() -> dict:
@@ -263,6 +329,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", nargs="+", choices=sorted(SUITES), default=sorted(SUITES))
     parser.add_argument("--windows", type=int, default=3, help="timed windows per figure (median reported)")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per training window")
+    parser.add_argument("--demo", default=str(Path(__file__).resolve().parent.parent / "outputs" / "demo"),
+                        help="a make demo output dir (the ppo suite uses its SFT and reward-model exports)")
     parser.add_argument("--max_foreign", type=float, default=0.05,
                         help="redo a window when other processes used more CPU than this share of it")
     args = parser.parse_args(argv)

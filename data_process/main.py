@@ -30,6 +30,7 @@ from data_process.output import atomic_output_dir, setup_logging, write_json
 from data_process.user import build_user
 from utils.config import option, parse_config, require, save_config
 from utils.errors import main_guard
+from utils.run import DONE, already_done, done_payload
 
 log = logging.getLogger("data_process")
 
@@ -47,6 +48,7 @@ class DataConfig:
                                    "blank lines; auto picks paragraphs when the file has blank lines.",
                            choices=("auto", "line", "paragraph"))
     seed: int = option(1234, "Seed of the hash order that decides every split.")
+    force: bool = option(False, "Build again even if output_dir holds a finished run of this config and inputs.")
     demo_scale: float = option(1.0, "Fraction of the demo data to use (every split count scales with it).")
     data_split: str = option("2,4,4", "DeepSpeed-Chat style comma-separated weights of phases 1,2,3 "
                                       "(SFT, reward model, PPO) for user rows.")
@@ -117,6 +119,8 @@ class DataConfig:
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
     cfg = parse_config(DataConfig, argv, prog="data_process/main.py")
+    if already_done(cfg.output_dir, cfg):
+        return
     reserved = Reserved.load(cfg.reserved_lines)
     if not cfg.reserved_lines:
         log.warning("no reserved_lines.json: nothing is excluded for the external evaluation")
@@ -137,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         summary = {"source": "user" if cfg.input else "demo", "seconds": round(time.time() - start, 1),
                    **{name: s["count_out"] for name, s in stats.items()}}
         write_json(tmp / "stats.json", {**summary, "datasets": stats})
+        write_json(tmp / DONE, done_payload(cfg, summary))
     log.info("wrote %s: %s", cfg.output_dir, summary)
 
 

@@ -44,6 +44,7 @@ from step0_tokenizer.spm import (
 )
 from utils.config import option, parse_config, require, save_config
 from utils.errors import UserError, main_guard
+from utils.run import DONE, already_done, done_payload
 
 log = logging.getLogger("step0_tokenizer")
 
@@ -60,6 +61,8 @@ class TokenizerConfig:
                                    "corpus of 1 GB or more).")
     character_coverage: float = option(0.9995, "Share of training characters that get their own piece "
                                                "(the rest fall back to bytes); SentencePiece needs >= 0.98.")
+    max_piece_length: int = option(16, "Longest piece in characters; 1 = a character-level vocabulary "
+                                       "(then --vocab_size only needs to cover the characters).")
     max_train_chars: int = option(50_000_000, "Train the tokenizer on at most about this many characters "
                                               "(documents sampled by hash).")
     num_proc: int = option(min(4, os.cpu_count() or 1), "Processes for tokenizing the pretraining text.")
@@ -67,6 +70,7 @@ class TokenizerConfig:
     verify_docs: int = option(2000, "Validation documents checked for equal SentencePiece/HF ids and an "
                                     "exact round trip (0 = skip).")
     seed: int = option(1234, "Seed of the training-text sample and of SentencePiece.")
+    force: bool = option(False, "Build again even if output_dir holds a finished run of this config and inputs.")
 
     def validate(self) -> None:
         require(bool(self.data_path), "data_path", self.data_path, "give the data_process output dir")
@@ -75,6 +79,7 @@ class TokenizerConfig:
                 f"must be at least {min_vocab_size()} (specials + 256 bytes + merges)")
         require(0.98 <= self.character_coverage <= 1, "character_coverage", self.character_coverage,
                 "must be in [0.98, 1]")
+        require(1 <= self.max_piece_length <= 16, "max_piece_length", self.max_piece_length, "must be in [1, 16]")
         require(self.max_train_chars >= 1000, "max_train_chars", self.max_train_chars, "must be >= 1000")
         require(self.num_proc >= 1, "num_proc", self.num_proc, "must be >= 1")
         require(self.num_threads >= 1, "num_threads", self.num_threads, "must be >= 1")
@@ -135,11 +140,13 @@ def coverage(texts: list[str], vocab: dict[str, int]) -> float:
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
     cfg = parse_config(TokenizerConfig, argv, prog="step0_tokenizer/main.py")
+    if already_done(cfg.output_dir, cfg):
+        return
     data = load_pretrain(cfg.data_path)
     lines, char_counts = training_text(data["train"], cfg.max_train_chars, cfg.seed)
     with atomic_output_dir(cfg.output_dir) as tmp:
         model = train_sentencepiece(lines, char_counts, tmp / "spm", cfg.vocab_size, cfg.character_coverage,
-                                    cfg.num_threads, cfg.seed)
+                                    cfg.num_threads, cfg.seed, cfg.max_piece_length)
         tokenizer = fast_tokenizer_from_sp(model)
         tok_dir = tmp / "tokenizer"
         tokenizer.save_pretrained(str(tok_dir))
@@ -174,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         write_json(tmp / "stats.json", stats)
         save_config(cfg, tmp / "config.json")
+        write_json(tmp / DONE, done_payload(cfg, {k: stats[k] for k in ("vocab_size", "chars_per_token")}))
     log.info("wrote %s: %s", cfg.output_dir, json.dumps({k: stats[k] for k in
                                                          ("vocab_size", "chars_per_token", "character_coverage")}))
 

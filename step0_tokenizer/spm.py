@@ -63,9 +63,14 @@ def within_budget(lines: Iterable[str], char_counts: Counter[str], max_chars: in
 
 
 def train_sentencepiece(lines: Iterable[str], char_counts: Counter[str], model_prefix: Path, vocab_size: int,
-                        character_coverage: float, num_threads: int, seed: int) -> Path:
-    """Train the BPE model on `lines` (one sentence each); return the .model path."""
-    char_budget = (vocab_size - min_vocab_size() + 64) // 2  # keep at least half the rest for merges
+                        character_coverage: float, num_threads: int, seed: int, max_piece_length: int = 16) -> Path:
+    """Train the BPE model on `lines` (one sentence each); return the .model path.
+
+    `max_piece_length` 1 makes a character-level vocabulary: no merges, so every covered character is one
+    token and a word-segmented copy of a sentence reuses exactly the sentence's tokens."""
+    reserved = min_vocab_size() - 64  # <unk>, the special tokens and the byte pieces
+    # without merges every remaining id can be a character; otherwise keep at least half for merges
+    char_budget = vocab_size - reserved if max_piece_length == 1 else (vocab_size - reserved) // 2
     log.info("training SentencePiece BPE: vocab %d, %d distinct characters (at most %d get a piece)",
              vocab_size, len(char_counts), char_budget)
     spm.set_random_generator_seed(seed)
@@ -77,6 +82,7 @@ def train_sentencepiece(lines: Iterable[str], char_counts: Counter[str], model_p
             remove_extra_whitespaces=False, split_by_unicode_script=False,
             user_defined_symbols=list(SPECIAL_TOKENS), unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
             unk_piece=UNK, max_sentence_length=1 << 16, num_threads=num_threads, minloglevel=2,
+            max_sentencepiece_length=max_piece_length, hard_vocab_limit=max_piece_length > 1,
         )
     except RuntimeError as err:
         raise UserError(f"--vocab_size={vocab_size}: SentencePiece could not train ({err}); the pretraining "

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.chat import check_messages, render_chat
+from utils.data import check_lengths
 from utils.errors import UserError
 from utils.tasks import read_jsonl
 
@@ -48,19 +49,20 @@ def load_sft_split(path: str, split: str, required: bool = True) -> list[list[di
     return conversations
 
 
-def render_rows(conversations: list[list[dict[str, str]]], tokenizer, max_len: int, split: str) -> list[dict]:
-    """Rendered rows; rows whose replies fall entirely beyond max_len are dropped (and counted)."""
-    rendered, truncated, dropped = [], 0, 0
-    for messages in conversations:
-        full = render_chat(tokenizer, messages)
-        row = {k: v[:max_len] for k, v in full.items()}
-        if len(full["input_ids"]) > max_len:
-            truncated += 1
+def render_rows(conversations: list[list[dict[str, str]]], tokenizer, max_len: int, split: str,
+                long_inputs: str = "truncate", where: str = "--data_path") -> list[dict]:
+    """Rendered rows, cut to max_len (or a UserError when `long_inputs` is "reject"); rows whose replies fall
+    entirely beyond max_len are dropped (and counted)."""
+    full = [render_chat(tokenizer, messages) for messages in conversations]
+    check_lengths([len(r["input_ids"]) for r in full], max_len, long_inputs, f"{where} ({split})")
+    rendered, dropped = [], 0
+    for whole in full:
+        row = {k: v[:max_len] for k, v in whole.items()}
         if all(t == -100 for t in row["labels"][1:]):
             dropped += 1
             continue
         rendered.append(row)
-    if truncated or dropped:
-        log.warning("%s: %d of %d conversations truncated to --max_seq_len=%d, %d dropped (no reply left)",
-                    split, truncated, len(conversations), max_len, dropped)
+    if dropped:
+        log.warning("%s: %d of %d conversations dropped: no reply token left within --max_seq_len=%d",
+                    split, dropped, len(conversations), max_len)
     return rendered

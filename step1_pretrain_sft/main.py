@@ -70,6 +70,11 @@ class Step1Config(TrainConfig):
             require(bool(self.model_name_or_path), "model_name_or_path", self.model_name_or_path,
                     "SFT starts from a model: give the pretraining export (OUT/step1_pretrain/final)")
             require(not self.preset, "preset", self.preset, "SFT starts from --model_name_or_path, not a preset")
+        if self.stage == "pretrain":
+            require(not self.packing, "packing", self.packing, "packs SFT conversations; pretraining data from "
+                    "step0 is packed already: drop --packing or use --stage sft")
+            require(not self.eval_task_dir, "eval_task_dir", self.eval_task_dir, "scores SFT answers: drop it "
+                    "or use --stage sft")
 
 
 class PretrainTask(CausalLMTask):
@@ -127,9 +132,12 @@ def pretrain_data(cfg: Step1Config, tokenizer):
 
 
 def sft_data(cfg: Step1Config, tokenizer):
-    train = render_rows(load_sft_split(cfg.data_path, "train"), tokenizer, cfg.max_seq_len, "train")
+    where = f"--data_path {cfg.data_path}"
+    train = render_rows(load_sft_split(cfg.data_path, "train"), tokenizer, cfg.max_seq_len, "train", cfg.long_inputs,
+                        where)
     valid_rows = load_sft_split(cfg.data_path, "validation", required=False)
-    valid = render_rows(valid_rows, tokenizer, cfg.max_seq_len, "validation") if valid_rows else []
+    valid = (render_rows(valid_rows, tokenizer, cfg.max_seq_len, "validation", cfg.long_inputs, where)
+             if valid_rows else [])
     if cfg.packing:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         train = pack_rows([train[i] for i in order], cfg.max_seq_len)

@@ -126,8 +126,11 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.eval_pairs:
         eval_pairs["eval"] = load_pairs(cfg.eval_pairs, "train")
     kinds = sorted({p.kind for pairs in [train_pairs, *eval_pairs.values()] for p in pairs})
-    train = encode_pairs(train_pairs, tokenizer, cfg.max_seq_len, kinds)
-    eval_sets = {name: encode_pairs(p, tokenizer, cfg.max_seq_len, kinds) for name, p in eval_pairs.items() if p}
+    sources = {"train": f"--data_path {cfg.data_path} (train)", "validation": f"--data_path {cfg.data_path} (validation)",
+               "eval": f"--eval_pairs {cfg.eval_pairs}"}
+    train = encode_pairs(train_pairs, tokenizer, cfg.max_seq_len, kinds, cfg.long_inputs, sources["train"])
+    eval_sets = {name: encode_pairs(p, tokenizer, cfg.max_seq_len, kinds, cfg.long_inputs, sources[name])
+                 for name, p in eval_pairs.items() if p}
     collate = PairCollator(tokenizer.pad_token_id)
     model = create_reward_model(cfg.model_name_or_path, tokenizer.pad_token_id, cfg.seed)
     model = prepare_model(model, cfg, tokenizer, always_train=("score",))  # the new head trains under LoRA too

@@ -32,12 +32,12 @@ import torch
 
 from utils.chat import PaddedCollator, render_chat
 from utils.config import TrainConfig, option, require
-from utils.data import sharded_eval_batches
+from utils.data import check_lengths, sharded_eval_batches
 from utils.dist import barrier, get_device, get_rank, get_world_size, is_rank0
 from utils.errors import UserError, main_guard
 from utils.log import read_metrics
 from utils.losses import preference_loss, sequence_logps
-from utils.model import load_causal_lm
+from utils.model import check_model_dir, load_causal_lm
 from utils.preference import Pair, load_pairs
 from utils.step import load_tokenizer, prepare_model, start, train_and_export
 from utils.trainer import LossOutput
@@ -70,14 +70,22 @@ class DPOConfig(TrainConfig):
         require(self.simpo_gamma >= 0, "simpo_gamma", self.simpo_gamma, "must be >= 0")
 
 
-def encode_pair(tokenizer, pair: Pair, max_len: int) -> dict:
+def encode_pair(tokenizer, pair: Pair, max_len: int | None = None) -> dict:
     """Both conversations with reply-only labels (utils.chat.render_chat). Too long: the start is cut
     (the prompt's beginning), never the reply's end, so every pair keeps a reply to score."""
     def side(response: str) -> dict:
         row = render_chat(tokenizer, [{"role": "user", "content": pair.prompt},
                                       {"role": "assistant", "content": response}])
-        return {k: v[-max_len:] for k, v in row.items()}
+        return {k: v[-max_len:] for k, v in row.items()} if max_len else row
     return {"chosen": side(pair.chosen), "rejected": side(pair.rejected)}
+
+
+def encode_dpo_pairs(tokenizer, pairs: list[Pair], cfg: DPOConfig, where: str) -> list[dict]:
+    """encode_pair for every pair, after the --long_inputs check of the pairs longer than --max_seq_len."""
+    rows = [encode_pair(tokenizer, p) for p in pairs]
+    lengths = [max(len(r["chosen"]["input_ids"]), len(r["rejected"]["input_ids"])) for r in rows]
+    check_lengths(lengths, cfg.max_seq_len, cfg.long_inputs, where, action="cut at the start of the prompt")
+    return [{side: {k: v[-cfg.max_seq_len:] for k, v in r[side].items()} for side in r} for r in rows]
 
 
 class DPOCollator:
@@ -233,13 +241,14 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, run_dir, precision, finished = start(DPOConfig, argv, "step3_rlhf_ppo/dpo.py")
     if finished is not None:
         return finished
+    check_model_dir(cfg.model_name_or_path, "causal_lm")
     tokenizer = load_tokenizer(cfg)
-    train = [encode_pair(tokenizer, p, cfg.max_seq_len) for p in load_pairs(cfg.data_path, "train")]
-    eval_pairs = {"validation": load_pairs(cfg.data_path, "validation", required=False)}
+    train = encode_dpo_pairs(tokenizer, load_pairs(cfg.data_path, "train"), cfg, f"--data_path {cfg.data_path} (train)")
+    evals = {"validation": encode_dpo_pairs(tokenizer, load_pairs(cfg.data_path, "validation", required=False), cfg,
+                                        f"--data_path {cfg.data_path} (validation)")}
     if cfg.eval_pairs:
-        eval_pairs["eval"] = load_pairs(cfg.eval_pairs, "train")
-    evals = {name: [encode_pair(tokenizer, p, cfg.max_seq_len) for p in pairs]
-             for name, pairs in eval_pairs.items() if pairs}
+        evals["eval"] = encode_dpo_pairs(tokenizer, load_pairs(cfg.eval_pairs, "train"), cfg, f"--eval_pairs {cfg.eval_pairs}")
+    evals = {name: rows for name, rows in evals.items() if rows}
     collate = DPOCollator(tokenizer.pad_token_id)
     reference = attach_reference(cfg, run_dir, train, evals, collate, precision)
     model = prepare_model(load_causal_lm(cfg.model_name_or_path), cfg, tokenizer)

@@ -23,6 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.config import (
+    LONG_INPUTS,
     SCHEDULERS,
     RunConfig,
     TrainConfig,
@@ -50,7 +51,10 @@ class PPOConfig(RunConfig):
     eval_prompts: str = option("", "Held-out prompts (.jsonl) sampled and scored at every evaluation.")
     ptx_data: str = option("", "step0 tokens dir: mix a pretraining loss into the actor's (off when '').")
     ptx_coef: float = option(1.0, "Weight of the pretraining loss (with --ptx_data).")
-    max_prompt_seq_len: int = option(128, "Longest prompt in tokens (chat template included); longer ones are dropped.")
+    max_prompt_seq_len: int = option(128, "Longest prompt in tokens (chat template included).")
+    long_inputs: str = option("truncate", "Prompts longer than --max_prompt_seq_len: leave them out (a warning counts "
+                                          "them; 'truncate' as in the other steps) or reject the data (exit 2).",
+                              choices=LONG_INPUTS)
     max_answer_seq_len: int = option(64, "Most tokens sampled per reply.")
     # batches
     per_device_generation_batch_size: int = option(8, "Prompts per process sampled for each PPO step.")

@@ -18,6 +18,8 @@ positions (generate counts them the same way, which the log-prob alignment test 
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import logging
 import math
@@ -26,16 +28,17 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from utils.chat import prompt_ids
 from utils.checkpoint import CheckpointManager, export_hf, load_tensors
-from utils.data import MicroBatchPlan, PackedTokens, read_token_meta, sharded_eval_batches
+from utils.data import MicroBatchPlan, PackedTokens, check_lengths, read_token_meta, sharded_eval_batches
 from utils.dist import Precision, all_reduce_max, all_reduce_sum, get_rank, get_world_size, is_rank0
 from utils.errors import UserError
 from utils.generation import SamplingConfig, left_pad, stop_token_ids
 from utils.hybrid import GenerationSwitch, hybrid_engine_section, hybrid_engine_supported, merged_weights
-from utils.log import MetricsLogger, progress
+from utils.log import MetricsLogger, peak_rss_mib, progress
 from utils.losses import count_label_tokens, next_token_loss_sum
 from utils.model import check_model_dir, count_parameters, load_causal_lm
 from utils.preference import load_prompts
@@ -217,13 +220,15 @@ def build_engines(cfg, tokenizer, precision: Precision, total_updates: int) -> E
 # Prompts and the pretraining mix
 
 
-def encode_prompts(tokenizer, prompts: list[str], max_len: int, where: str) -> list[dict[str, list[int]]]:
-    """Chat-template ids of each prompt (with the assistant header); longer than max_len: dropped, counted."""
+def encode_prompts(tokenizer, prompts: list[str], max_len: int, where: str, long_inputs: str = "truncate",
+                   ) -> list[dict[str, Any]]:
+    """Chat-template ids of each prompt (with the assistant header) and its row number, which seeds its
+    sampling. Prompts longer than max_len are left out (a prompt cut at the start would be a different
+    question), or are a UserError with `long_inputs` "reject"."""
     rows = [{"prompt_ids": prompt_ids(tokenizer, [{"role": "user", "content": p}])} for p in prompts]
-    kept = [r for r in rows if len(r["prompt_ids"]) <= max_len]
-    if len(kept) < len(rows):
-        log.warning("%s: %d of %d prompts are longer than --max_prompt_seq_len %d tokens and were dropped",
-                    where, len(rows) - len(kept), len(rows), max_len)
+    check_lengths([len(r["prompt_ids"]) for r in rows], max_len, long_inputs, where, "--max_prompt_seq_len",
+                  action="left out")
+    kept = [{**r, "row": i} for i, r in enumerate(r for r in rows if len(r["prompt_ids"]) <= max_len)]
     if not kept:
         raise UserError(f"{where}: every prompt is longer than --max_prompt_seq_len {max_len}: raise it")
     return kept
@@ -233,9 +238,15 @@ def encode_prompts(tokenizer, prompts: list[str], max_len: int, where: str) -> l
 class PromptCollator:
     pad_token_id: int
 
-    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids, mask = left_pad([r["prompt_ids"] for r in rows], self.pad_token_id, "cpu")
-        return {"input_ids": ids, "attention_mask": mask}
+        return {"input_ids": ids, "attention_mask": mask, "row_ids": torch.tensor([r["row"] for r in rows])}
+
+
+def row_seeds(seed: int, key: int, row_ids: torch.Tensor) -> tuple[int, ...]:
+    """One sampling seed per prompt, from the run's seed, a key (the PPO step; 0 for evaluation) and the
+    prompt's row: the same prompt at the same step samples the same reply on any rank at any world size."""
+    return tuple(int(np.random.SeedSequence([seed, key, row]).generate_state(1)[0]) for row in row_ids.tolist())
 
 
 class PretrainMix:
@@ -289,18 +300,31 @@ class PPOTrainer:
         self.plan = MicroBatchPlan(len(prompts), cfg.per_device_generation_batch_size, get_world_size(), get_rank(),
                                    cfg.seed)
         self.checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.keep_last)
+        self.clock: collections.defaultdict[str, float] = collections.defaultdict(float)
 
-    def sampling(self, seed: int) -> SamplingConfig:
+    @contextlib.contextmanager
+    def timed(self, part: str):
+        """Adds the wall time of the block to `self.clock[part]` (the step's time breakdown in metrics)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.clock[part] += time.perf_counter() - start
+
+    def sampling(self, seeds: tuple[int, ...]) -> SamplingConfig:
         return SamplingConfig(self.cfg.max_answer_seq_len, self.cfg.temperature, self.cfg.top_k, self.cfg.top_p, 1.0,
-                              seed)
+                              row_seeds=seeds)
 
     # -- experience -----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def rollout(self, batch: dict[str, torch.Tensor], seed: int) -> Experience:
-        """Sample replies and score them with the actor, the reference and the reward model."""
+    def rollout(self, batch: dict[str, torch.Tensor], key: int) -> Experience:
+        """Sample replies (seeded per prompt row and `key`) and score them with the actor, the reference and
+        the reward model."""
         prompts, prompt_mask = batch["input_ids"], batch["attention_mask"]
-        sampled = self.e.switch.generate(prompts, prompt_mask, self.sampling(seed))
+        seeds = row_seeds(self.cfg.seed, key, batch["row_ids"])
+        with self.timed("generate"):
+            sampled = self.e.switch.generate(prompts, prompt_mask, self.sampling(seeds))
         actions, mask = reply_mask(sampled, self.stops, self.tokenizer.pad_token_id)
         input_ids = torch.cat([prompts, actions], dim=1)
         attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)
@@ -308,21 +332,24 @@ class PPOTrainer:
                          *(torch.empty(0),) * 4)
         t = self.cfg.temperature
         with self.precision.autocast_context():
-            self.e.actor.eval()
-            logits = reply_logits(self.e.actor, exp)
-            self.e.actor.train()
-            exp.logprobs = token_logprobs(logits, actions, t) * mask
-            exp.entropy = entropy_from_logits(logits, t) * mask
-            del logits
-            exp.ref_logprobs = token_logprobs(reply_logits(self.e.reference, exp), actions, t) * mask
-            scores = self.e.reward(**exp.model_inputs(), use_cache=False).logits
+            with self.timed("actor_forward"):
+                self.e.actor.eval()
+                logits = reply_logits(self.e.actor, exp)
+                self.e.actor.train()
+                exp.logprobs = token_logprobs(logits, actions, t) * mask
+                exp.entropy = entropy_from_logits(logits, t) * mask
+                del logits
+            with self.timed("reference_forward"):
+                exp.ref_logprobs = token_logprobs(reply_logits(self.e.reference, exp), actions, t) * mask
+            with self.timed("reward_forward"):
+                scores = self.e.reward(**exp.model_inputs(), use_cache=False).logits
         exp.scores = scores.squeeze(-1).float()
         return exp
 
     @torch.no_grad()
-    def make_experience(self, batch: dict[str, torch.Tensor], seed: int) -> Experience:
-        exp = self.rollout(batch, seed)
-        with self.precision.autocast_context():
+    def make_experience(self, batch: dict[str, torch.Tensor], key: int) -> Experience:
+        exp = self.rollout(batch, key)
+        with self.precision.autocast_context(), self.timed("critic_forward"):
             self.e.critic.eval()
             exp.values = reply_values(self.e.critic, self.e.value_head, exp) * exp.mask
             self.e.critic.train()
@@ -383,12 +410,14 @@ class PPOTrainer:
                 scale = gas * world / max(units, 1.0)
                 approx_kl = 0.0
                 for mb in group:
-                    with self.precision.autocast_context():
-                        actor_loss, a_stats = self._actor_loss(mb, units, scale)
-                    self._backward_step(self.e.actor, actor_loss, "policy")
-                    with self.precision.autocast_context():
-                        critic_loss, c_stats = self._critic_loss(mb, scale)
-                    self._backward_step(self.e.critic, critic_loss, "value")
+                    with self.timed("actor_train"):
+                        with self.precision.autocast_context():
+                            actor_loss, a_stats = self._actor_loss(mb, units, scale)
+                        self._backward_step(self.e.actor, actor_loss, "policy")
+                    with self.timed("critic_train"):
+                        with self.precision.autocast_context():
+                            critic_loss, c_stats = self._critic_loss(mb, scale)
+                        self._backward_step(self.e.critic, critic_loss, "value")
                     approx_kl += a_stats["approx_kl"]
                     for key, value in {**a_stats, **c_stats}.items():
                         sums[key] = sums.get(key, 0.0) + value
@@ -405,13 +434,11 @@ class PPOTrainer:
 
     # -- one step, evaluation, samples ----------------------------------------------------------------
 
-    def _step_seed(self, step: int) -> int:
-        return (self.cfg.seed * 1_000_003 + step * get_world_size() + get_rank()) % 2**31
-
     def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], Experience]:
         cfg = self.cfg
         t0, gen0 = time.perf_counter(), self.e.switch.seconds
-        exp = self.make_experience(batch, self._step_seed(self.state.step))
+        self.clock.clear()
+        exp = self.make_experience(batch, key=self.state.step + 1)
         raw_adv = exp.advantages
         if cfg.whiten_advantages:
             exp.advantages = masked_whiten(exp.advantages, exp.mask)
@@ -433,7 +460,8 @@ class PPOTrainer:
         tokens = all_reduce_sum(float(exp.attention_mask.sum().item()))
         gen_seconds = self.e.switch.seconds - gen0
         record.update(tokens=tokens, tok_per_s=tokens / (t2 - t0), gen_share=gen_seconds / (t2 - t0),
-                      experience_seconds=t1 - t0, train_seconds=t2 - t1)
+                      experience_seconds=t1 - t0, train_seconds=t2 - t1,
+                      **{f"time_{part}": seconds for part, seconds in self.clock.items()})
         self.kl.update(record["kl"], int(n_rows))
         if self.e.ema is not None:
             self.e.ema.update(merged_weights(self.e.actor.module, cfg.actor_zero_stage, cfg.lora_scale("actor")))
@@ -445,10 +473,10 @@ class PPOTrainer:
         if not self.evals:
             return {}
         sums = {"score": 0.0, "kl": 0.0, "length": 0.0, "n": 0.0}
-        for k, (batch, real) in enumerate(sharded_eval_batches(self.evals, self.collate,
-                                                               self.cfg.per_device_eval_batch_size,
-                                                               self.cfg.eval_batches, self.device)):
-            exp = self.rollout(batch, self.cfg.seed + 7919 * k + get_rank())
+        batches = sharded_eval_batches(self.evals, self.collate, self.cfg.per_device_eval_batch_size,
+                                       self.cfg.eval_batches, self.device)
+        for batch, real in batches:
+            exp = self.rollout(batch, key=0)
             if real:
                 sums["score"] += exp.scores.sum().item()
                 sums["kl"] += exp.seq_kl.sum().item()
@@ -550,7 +578,7 @@ class PPOTrainer:
         metrics.close()
         return {"steps": self.state.step, "tokens": self.state.tokens, "skipped_micro_batches": self.state.skipped,
                 "wall_seconds": round(time.perf_counter() - wall_start, 3),
-                "generation_share": gen_total / step_total if step_total else math.nan,
+                "generation_share": gen_total / step_total if step_total else math.nan, "peak_rss_mib": peak_rss_mib(),
                 "final_train": {k: v for k, v in record.items() if isinstance(v, float)},
                 "first_eval": first_eval, "final_eval": last_eval, "kl_coef": self.kl.value}
 
@@ -572,9 +600,9 @@ def run_ppo(cfg, run_dir: Path, precision: Precision) -> dict[str, Any]:
     check_model_dir(cfg.actor_model_name_or_path, "causal_lm")
     tokenizer = load_tokenizer(cfg.tokenizer_path or cfg.actor_model_name_or_path, "--tokenizer_path")
     prompts = encode_prompts(tokenizer, load_prompts(cfg.data_path, "train"), cfg.max_prompt_seq_len,
-                             f"--data_path {cfg.data_path}")
+                             f"--data_path {cfg.data_path}", cfg.long_inputs)
     evals = (encode_prompts(tokenizer, load_prompts(cfg.eval_prompts, "train"), cfg.max_prompt_seq_len,
-                            f"--eval_prompts {cfg.eval_prompts}") if cfg.eval_prompts else [])
+                            f"--eval_prompts {cfg.eval_prompts}", cfg.long_inputs) if cfg.eval_prompts else [])
     total_steps = total_ppo_steps(cfg, len(prompts))
     minis = cfg.per_device_generation_batch_size // (cfg.per_device_training_batch_size * cfg.gradient_accumulation_steps)
     total_updates = total_steps * cfg.ppo_epochs * minis

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +52,28 @@ def clean_env(**extra: str) -> dict[str, str]:
 def run_python(args: list[str], timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=REPO, env=clean_env(**env), capture_output=True,
                           text=True, timeout=timeout)
+
+
+def sigkill_and_rerun(args: list[str], out: Path, after: int = 4, until: int = 20,
+                      ) -> tuple[subprocess.CompletedProcess, str]:
+    """Start `python args`, SIGKILL it at a random moment between the appearance of checkpoint `after`
+    and that of checkpoint `until` (step numbers), then run the same command again to the end. Returns
+    that second run and a description of the moment, for assertion messages."""
+    rng = random.Random()
+    start_at = rng.randrange(after, until, after)
+    delay = rng.uniform(0.0, 0.3)
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    marker = out / "checkpoints" / f"step{start_at:08d}"
+    deadline = time.time() + 240
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(delay)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    when = f"killed {delay:.3f} s after {marker.name} appeared"
+    assert not (out / "done").exists(), f"the run finished before it could be killed ({when})"
+    return run_python(args, timeout=300), when
 
 
 # preference pairs small enough for nano models to learn: (prompt, chosen, rejected, kind)

@@ -99,3 +99,26 @@ def test_finished_run_is_skipped_unless_forced(dist, token_dir, tmp_path):
     step1_main([*argv, "--force"])
     assert (tmp_path / "final" / "model.safetensors").stat().st_mtime_ns != stamp
     assert len(read_metrics(tmp_path, "train")) == 3  # a fresh run, not a resume on top of the old one
+
+
+def test_finished_run_is_redone_when_its_input_data_changed(dist, token_dir, tmp_path):
+    import os
+    import shutil
+
+    from step1_pretrain_sft.main import main as step1_main
+
+    data = tmp_path / "tokens"
+    shutil.copytree(token_dir, data)
+    out = tmp_path / "run"
+    argv = ["--preset", "nano", "--data_path", str(data), "--output_dir", str(out), "--max_seq_len", "32",
+            "--max_steps", "2", "--eval_interval", "0", "--enable_tensorboard", "false", "--dtype", "fp32"]
+    step1_main(argv)
+    stamp = (out / "final" / "model.safetensors").stat().st_mtime_ns
+    ckpt_stamp = (out / "checkpoints" / "step00000002" / "meta.json").stat().st_mtime_ns
+    train = data / "train.bin"
+    train.write_bytes(train.read_bytes())  # the data made again: same size, new modification time
+    os.utime(train, ns=(stamp + 10**9, stamp + 10**9))
+    step1_main(argv)
+    assert (out / "final" / "model.safetensors").stat().st_mtime_ns != stamp
+    # started afresh (the old checkpoint was removed and written again), not resumed at the old run's end
+    assert (out / "checkpoints" / "step00000002" / "meta.json").stat().st_mtime_ns != ckpt_stamp

@@ -174,6 +174,39 @@ def test_own_generation_path_matches_model_generate(ppo_dirs, chat_tokenizer, di
     assert torch.equal(ours, theirs) and engine.module.training and switch.seconds > 0
 
 
+def test_row_seeded_sampling_draws_from_the_filtered_softmax():
+    from utils.generation import RowSeededSampling
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -3.0])
+    n = 4000
+    scores = logits.expand(n, -1).clone()
+    picks = RowSeededSampling(SamplingConfig(temperature=0.8, row_seeds=tuple(range(n))))(None, scores).argmax(-1)
+    freq = torch.bincount(picks, minlength=5).float() / n
+    assert torch.allclose(freq, torch.softmax(logits / 0.8, -1), atol=0.03), freq
+    top2 = RowSeededSampling(SamplingConfig(temperature=1.0, top_k=2, row_seeds=tuple(range(n))))(None, scores)
+    assert set(top2.argmax(-1).tolist()) == {0, 1}
+    again = RowSeededSampling(SamplingConfig(temperature=0.8, row_seeds=tuple(range(n))))(None, scores).argmax(-1)
+    assert torch.equal(picks, again)
+
+
+def test_row_seeded_reply_does_not_depend_on_the_batch(ppo_dirs, chat_tokenizer):
+    """A prompt's reply under its seed is the same alone and inside a batch with longer prompts."""
+    from utils.model import load_causal_lm
+
+    model = load_causal_lm(ppo_dirs / "sft").eval()
+    rows = [[2, 5, 9, 30, 3], [2, 7, 3], [2, 11, 12, 13, 14, 15, 16, 3]]
+    seeds = (101, 202, 303)
+    ids, mask = left_pad(rows, chat_tokenizer.pad_token_id, "cpu")
+    batch = sample_tokens(model, ids, mask, SamplingConfig(12, temperature=1.0, row_seeds=seeds), chat_tokenizer)
+    for i, row in enumerate(rows):
+        ids1, mask1 = left_pad([row], chat_tokenizer.pad_token_id, "cpu")
+        alone = sample_tokens(model, ids1, mask1, SamplingConfig(12, temperature=1.0, row_seeds=(seeds[i],)),
+                              chat_tokenizer)[0]
+        n = alone.shape[0]
+        assert torch.equal(batch[i, :n], alone) and (batch[i, n:] == chat_tokenizer.pad_token_id).all()
+    assert len({tuple(r.tolist()) for r in batch}) == 3
+
+
 class EvenTokenReward(torch.nn.Module):
     """A fixed-rule reward model: 10 x the share of even token ids after the last <|im_start|> (the
     assistant header and the reply). Stands in for the step 2 model to show that PPO optimises a reward."""
@@ -287,6 +320,44 @@ def test_sigkill_then_resume_is_bit_exact(ppo_dirs, tmp_path):
         wa, wb = load_file(full / sub / "model.safetensors"), load_file(cut / sub / "model.safetensors")
         assert all(torch.equal(wa[k], wb[k]) for k in wa), sub
     timing = ("tok_per_s", "gen_share", "experience_seconds", "train_seconds")
-    ma, mb = ([{k: v for k, v in m.items() if k not in timing} for m in read_metrics(d)] for d in (full, cut))
+    ma, mb = ([{k: v for k, v in m.items() if k not in timing and not k.startswith("time_")} for m in read_metrics(d)]
+              for d in (full, cut))
     assert ma == mb and len([m for m in ma if m["kind"] == "train"]) == 6
     assert (full / "samples.jsonl").read_text() == (cut / "samples.jsonl").read_text()
+
+
+def test_two_processes_match_one(ppo_dirs, tmp_path):
+    """deepspeed --num_gpus 2 with 2 prompts per rank == 1 process with 4: every prompt samples from its
+    own seeded generator and mini-batches are cut the same way, so replies, rewards, losses and the
+    trained weights agree (up to float summation order)."""
+    from safetensors.torch import load_file
+
+    from utils.log import read_metrics
+
+    steps = ["--max_steps", "3", "--save_interval", "0", "--eval_interval", "3"]
+    one = tmp_path / "one"
+    r = run_python([MAIN, *base_args(ppo_dirs, one), *steps], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = tmp_path / "two"
+    args = base_args(ppo_dirs, two)
+    for flag, value in (("--per_device_generation_batch_size", "2"), ("--per_device_training_batch_size", "1"),
+                        ("--per_device_eval_batch_size", "2")):
+        args[args.index(flag) + 1] = value
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", "29613", MAIN,
+           *args, *steps]
+    r = subprocess.run(cmd, cwd=REPO, env=clean_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    timing = ("tok_per_s", "gen_share", "experience_seconds", "train_seconds")
+    a, b = ([{k: v for k, v in m.items() if k not in timing and not k.startswith("time_")} for m in read_metrics(d)]
+            for d in (one, two))
+    assert [m["kind"] for m in a] == [m["kind"] for m in b] == ["eval", "train", "train", "train", "eval"]
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        assert x.get("tokens") == y.get("tokens") and x.get("response_length") == y.get("response_length")
+        for key, value in x.items():
+            if isinstance(value, float):
+                assert y[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    for sub in ("final", "critic"):
+        wa, wb = load_file(one / sub / "model.safetensors"), load_file(two / sub / "model.safetensors")
+        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5, sub

@@ -149,3 +149,19 @@ def test_step0_bad_inputs(tmp_path, capsys, built):
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert exc.value.code == 2 and err.startswith("error: ") and part in err, err
         assert not out.exists()
+
+
+def test_character_level_vocabulary(built, tmp_path):
+    """--max_piece_length 1: no merges, every covered character one token, the HF twin still equal to
+    SentencePiece, and a word-segmented copy of a sentence reuses the sentence's own tokens."""
+    step0_main(["--data_path", str(built / "data"), "--output_dir", str(tmp_path / "char"), "--vocab_size", "2000",
+                "--max_piece_length", "1", "--num_proc", "1", "--num_threads", "2"])
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "char" / "tokenizer"))
+    sp_char = spm.SentencePieceProcessor(model_file=str(tmp_path / "char" / "tokenizer" / "spm.model"))
+    text = "中国人民今天发表讲话"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == sp_char.encode(text) and len(ids) == len(text)
+    spaced = tok("中国 人民", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(spaced) == ["中", "国", "▁", "人", "民"]  # the same tokens plus a space
+    assert all(len(p.lstrip("▁")) <= 1 for p in tok.convert_ids_to_tokens(list(range(5, len(tok))))
+               if not p.startswith("<"))

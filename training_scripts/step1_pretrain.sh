@@ -8,7 +8,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 OUTPUT="${1:-$OUTPUT}"
 ZERO_STAGE="${2:-${ZERO_STAGE:-0}}"
-if [ "$FAST" = "1" ]; then STEPS=(--max_steps 40 --eval_interval 20 --save_interval 20); else STEPS=(--num_train_epochs "${EPOCHS:-6}" --eval_interval 200 --save_interval 200); fi
+if [ "$FAST" = "1" ]; then STEPS=(--max_steps 40 --eval_interval 20 --save_interval 20); else STEPS=(--num_train_epochs "${EPOCHS:-3}" --eval_interval 200 --save_interval 200); fi
 launch "$REPO/step1_pretrain_sft/main.py" --stage pretrain \
     --preset "${PRESET:-tiny}" \
     --data_path "$OUTPUT/step0/tokens" \

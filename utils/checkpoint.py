@@ -7,12 +7,15 @@ Layout of `run_dir/checkpoints/`:
 A checkpoint is written as `tmp-step...`, fsynced, given meta.json (the list of files and their sizes)
 and only then renamed into place; so a directory named step* with a meta.json that matches its files is
 complete. A crash mid-write leaves a tmp-* dir (or a mismatching one), which loading skips with a warning.
+A write that fails (disk full, file-size limit) removes its tmp dir and stops the run with one error line
+(`failed_write`); the checkpoints already complete stay, so the same command resumes once there is room.
 Client state is JSON, never pickle.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -25,13 +28,32 @@ import numpy as np
 import torch
 
 from utils.dist import barrier, get_rank, get_world_size, is_rank0
-from utils.errors import UserError
+from utils.errors import UserError, is_storage_error
 
 log = logging.getLogger(__name__)
 
 META = "meta.json"
 LATEST = "latest"
 TENSORS = "tensors.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Failed writes
+
+@contextlib.contextmanager
+def failed_write(tmp: Path, what: str, resume_hint: str):
+    """Around the writing of `tmp`: on any error remove it; a storage error (disk full, file too large)
+    becomes a UserError naming `what`, the cause and how to go on."""
+    try:
+        yield
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception) and is_storage_error(err):
+            reason = (err.strerror if isinstance(err, OSError) and err.strerror
+                      else "the write was cut short: disk full or a file-size limit")
+            raise UserError(f"writing {what} failed ({reason}): free disk space in {tmp.parent} and run the same "
+                            f"command again; {resume_hint}") from None
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -128,6 +150,23 @@ class CheckpointManager:
             if tmp.exists():
                 shutil.rmtree(tmp)
         barrier()
+        previous = self.complete_checkpoints()
+        hint = (f"it resumes from {previous[-1].name}" if previous
+                else "it starts from the beginning (no checkpoint was complete yet)")
+        with failed_write(tmp, f"checkpoint {self.tag(step)}", hint):
+            self._write(engine, tmp, tmp_tag, step, loop_state, tensors)
+        if is_rank0():
+            if final.exists():  # a re-run of the same step after a resume: replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.directory)
+            write_text_atomic(self.directory / LATEST, final.name)  # DeepSpeed's format; written last
+            self._prune()
+        barrier()
+        return final
+
+    def _write(self, engine, tmp: Path, tmp_tag: str, step: int, loop_state: dict[str, Any],
+               tensors: dict[str, torch.Tensor] | None) -> None:
         if isinstance(engine, dict):
             for name, one in engine.items():
                 one.save_checkpoint(str(tmp), tag=name, client_state={}, save_latest=False)
@@ -143,14 +182,6 @@ class CheckpointManager:
         if is_rank0():
             fsync_tree(tmp)
             write_json_atomic(tmp / META, {"step": step, "world_size": get_world_size(), "files": _file_sizes(tmp)})
-            if final.exists():  # a re-run of the same step after a resume: replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.directory)
-            write_text_atomic(self.directory / LATEST, final.name)  # DeepSpeed's format; written last
-            self._prune()
-        barrier()
-        return final
 
     def _prune(self) -> None:
         complete = self.complete_checkpoints()
@@ -272,10 +303,11 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, *, zero_stage: int, t
         missing = [k for k in missing if not (k == "lm_head.weight" and base.config.tie_word_embeddings)]
         if missing or unexpected:
             raise RuntimeError(f"export: state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        fresh.save_pretrained(str(tmp), safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        fsync_tree(tmp)
+        with failed_write(tmp, f"the export {out}", "the training itself resumes from its last checkpoint"):
+            fresh.save_pretrained(str(tmp), safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            fsync_tree(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -27,6 +27,7 @@ C = TypeVar("C")
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 SCHEDULERS = ("cosine", "linear", "constant")
+LONG_INPUTS = ("truncate", "reject")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None) -> Any:
@@ -97,6 +98,9 @@ class TrainConfig(RunConfig):
     # data
     data_path: str = option("", "Dataset dir or file this step trains on.")
     max_seq_len: int = option(256, "Maximum tokens per training sequence.")
+    long_inputs: str = option("truncate", "Rows longer than --max_seq_len: truncate them (a warning counts "
+                                          "them) or reject the data (exit 2 naming the first).",
+                              choices=LONG_INPUTS)
     # optimisation
     per_device_train_batch_size: int = option(8, "Micro batch per process (rows).")
     per_device_eval_batch_size: int = option(8, "Batch per process for held-out evaluation.")

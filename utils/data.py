@@ -1,16 +1,20 @@
 """Data order and loading shared by every step.
 
 `MicroBatchPlan` decides which rows each rank sees, so that runs with the same global batch see the same
-rows whatever the split across processes and accumulation steps: micro-batch k of epoch e on rank r is
-rows perm_e[(k * world + r) * micro : ... + micro], perm_e a seeded permutation. One process with micro
-batch 8 and two processes with micro batch 4 therefore cover the same 8 rows per step, and so does one
-process with micro batch 1 and 8 accumulation steps. The position in the data is one integer (micro
-batches consumed this epoch), which makes resume exact.
+rows whatever the split across processes and accumulation steps: the k-th global micro-batch of epoch e
+is rows perm_e[k * world * micro : (k + 1) * world * micro] (perm_e a seeded permutation), dealt to the
+ranks in turn, so rank r gets every world-th of them starting at r. One process with micro batch 8 and two
+processes with micro batch 4 therefore cover the same 8 rows per step, and so does one process with micro
+batch 1 and 8 accumulation steps. Dealing in turn also keeps any leading slice of the ranks' rows global:
+rows [0, m) of every rank together are rows [0, m * world) of the single-process batch, which is what lets
+PPO cut its experience into mini-batches the same way at any world size. The position in the data is one
+integer (micro-batches consumed this epoch), which makes resume exact.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +24,8 @@ import numpy as np
 import torch
 
 from utils.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,8 +52,8 @@ class MicroBatchPlan:
     def rows(self, epoch: int, k: int, perm: np.ndarray | None = None) -> list[int]:
         """Row indices of this rank's micro-batch `k` in `epoch`."""
         perm = self.permutation(epoch) if perm is None else perm
-        start = (k * self.world_size + self.rank) * self.micro_batch
-        return perm[start:start + self.micro_batch].tolist()
+        start = k * self.world_size * self.micro_batch
+        return perm[start + self.rank:start + self.world_size * self.micro_batch:self.world_size].tolist()
 
     def iterate(self, epoch: int, start: int = 0) -> Iterator[tuple[int, list[int]]]:
         """(k, rows) for micro-batches k = start, start+1, ... of `epoch`."""
@@ -117,3 +123,19 @@ def sharded_eval_batches(dataset: Any, collate: Callable, batch_size: int, max_b
         chunk = rows[b * batch_size:(b + 1) * batch_size]
         batch = collate([dataset[i] for i in (chunk or [0])])
         yield {k: v.to(device) for k, v in batch.items()}, bool(chunk)
+
+
+def check_lengths(lengths: Sequence[int], max_len: int, policy: str, where: str, flag: str = "--max_seq_len",
+                  action: str = "truncated") -> int:
+    """How many rows are longer than `max_len` tokens. With --long_inputs reject, a UserError names the
+    first of them; with truncate, a warning counts them (`action` says what happens to them)."""
+    over = [i for i, n in enumerate(lengths) if n > max_len]
+    if over and policy == "reject":
+        first = over[0]
+        raise UserError(f"{where} row {first + 1}: {lengths[first]} tokens, longer than {flag}={max_len} "
+                        f"({len(over)} of {len(lengths)} rows are): raise {flag}, shorten those rows, or pass "
+                        "--long_inputs truncate")
+    if over:
+        log.warning("%s: %d of %d rows are longer than %s=%d tokens and were %s", where, len(over), len(lengths),
+                    flag, max_len, action)
+    return len(over)

@@ -3,10 +3,11 @@ one clear line on stderr and exit code 2 (no traceback, nothing half-written).""
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 EXIT_USER_ERROR = 2
 
@@ -20,17 +21,45 @@ class UserError(Exception):
     """
 
 
+# What a full disk or a file-size limit looks like from the libraries that write our files: OSError from
+# Python, "unexpected pos" / "file write failed" from torch.save's zip writer, "I/O error" from safetensors.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO}
+_STORAGE_MESSAGES = ("No space left", "File too large", "Disk quota", "I/O error", "unexpected pos",
+                     "file write failed")
+
+
+def is_storage_error(err: BaseException) -> bool:
+    """Whether `err` says that storage refused a write (disk full, quota, file-size limit, I/O error)."""
+    if isinstance(err, OSError) and err.errno in _STORAGE_ERRNOS:
+        return True
+    return any(m in str(err) for m in _STORAGE_MESSAGES)
+
+
 def main_guard(fn: Callable[..., T]) -> Callable[..., T]:
-    """Decorate a `main()` so a UserError prints `error: <message>` and exits with code 2."""
+    """Decorate a `main()` so a UserError prints `error: <message>` and exits with code 2; so does an
+    OSError of a full disk (or file-size limit) wherever it happens."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UserError as err:
-            # the CLI contract is this exact line, so it bypasses logging's timestamped format
-            sys.stderr.write(f"error: {err}\n")
-            sys.stderr.flush()
-            sys.exit(EXIT_USER_ERROR)
+            _fail(str(err))
+        except OSError as err:
+            if not is_storage_error(err):
+                raise
+            _fail(f"writing {err.filename or 'a file'} failed ({err.strerror}): free disk space and run the same "
+                  "command again; it resumes from its last complete checkpoint")
 
     return wrapper
+
+
+def _fail(message: str) -> NoReturn:
+    # progress bars left open by the failure end their line first, so the error starts a line of its own
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+    # the CLI contract is this exact line, so it bypasses logging's timestamped format
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    sys.exit(EXIT_USER_ERROR)

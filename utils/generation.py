@@ -12,6 +12,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from utils.chat import prompt_ids
 
@@ -26,15 +33,47 @@ class SamplingConfig:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int = 0
+    row_seeds: tuple[int, ...] | None = None  # one seed per batch row: see RowSeededSampling
 
     def generate_kwargs(self) -> dict:
         kwargs: dict = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
-        if self.temperature > 0:
+        if self.temperature > 0 and self.row_seeds is not None:
+            # greedy search over scores that RowSeededSampling has already turned into a sample
+            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None,
+                          logits_processor=LogitsProcessorList([RowSeededSampling(self)]))
+        elif self.temperature > 0:
             kwargs.update(do_sample=True, temperature=self.temperature, top_k=self.top_k or None,
                           top_p=self.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
         return kwargs
+
+
+class RowSeededSampling(LogitsProcessor):
+    """Sampling in which each row draws from its own generator, so a row's reply depends only on its prompt
+    and its seed, not on the rest of the batch (2 processes with 8 prompts each sample exactly what 1 process
+    with all 16 does). The scores are filtered with transformers' own temperature, top-k and top-p warpers,
+    then row b adds Gumbel noise from generator b: the argmax that greedy search then takes is a sample of
+    the filtered softmax (the Gumbel-max trick), and every row draws one noise vector per decoding step."""
+
+    def __init__(self, sampling: SamplingConfig):
+        self.seeds = sampling.row_seeds or ()
+        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(sampling.temperature)])
+        if sampling.top_k:
+            self.warpers.append(TopKLogitsWarper(sampling.top_k))
+        if sampling.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(sampling.top_p))
+        self.generators: list[torch.Generator] | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.generators is None:
+            if len(self.seeds) != scores.shape[0]:
+                raise ValueError(f"row_seeds has {len(self.seeds)} seeds for a batch of {scores.shape[0]} rows")
+            self.generators = [torch.Generator(scores.device).manual_seed(s) for s in self.seeds]
+        scores = self.warpers(input_ids, scores.float())
+        noise = torch.stack([torch.empty(scores.shape[1], device=scores.device).exponential_(generator=g)
+                             for g in self.generators])
+        return scores - noise.log()  # + Gumbel(0, 1) noise, since -log(Exp(1)) ~ Gumbel
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -65,6 +65,11 @@ def check_model_dir(path: str | Path, expect: str) -> dict[str, Any]:
         if kinds:
             found += f", {kinds[0]}"
         raise UserError(f"{path}: holds {found}, but this step needs {description}")
+    if not any(Path(path).glob("*.safetensors")):
+        pickled = sorted(p.name for p in Path(path).glob("*.bin"))
+        raise UserError(f"{path}: no .safetensors weights{' (only ' + ', '.join(pickled) + ')' if pickled else ''}: "
+                        "weights are read only from safetensors, never unpickled; convert a model you trust with "
+                        "AutoModel.from_pretrained(dir).save_pretrained(dir)")
     return config
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from utils.chat import render_response
+from utils.data import check_lengths
 from utils.errors import UserError
 from utils.tasks import read_jsonl
 
@@ -79,11 +80,18 @@ def load_prompts(path: str | Path, split: str = "train", required: bool = True) 
     return prompts
 
 
-def encode_pairs(pairs: list[Pair], tokenizer, max_len: int, kinds: list[str]) -> list[dict[str, Any]]:
-    """Token ids of both sides of every pair, with the index of its kind in `kinds`."""
-    return [{"chosen": render_response(tokenizer, p.prompt, p.chosen, max_len),
-             "rejected": render_response(tokenizer, p.prompt, p.rejected, max_len),
+def encode_pairs(pairs: list[Pair], tokenizer, max_len: int, kinds: list[str], long_inputs: str = "truncate",
+                 where: str = "pairs") -> list[dict[str, Any]]:
+    """Token ids of both sides of every pair, with the index of its kind in `kinds`; a side longer than
+    max_len loses the start of its prompt, or is a UserError with `long_inputs` "reject"."""
+    rows = [{"chosen": render_response(tokenizer, p.prompt, p.chosen),
+             "rejected": render_response(tokenizer, p.prompt, p.rejected),
              "margin": p.margin, "kind": kinds.index(p.kind)} for p in pairs]
+    check_lengths([max(len(r["chosen"]), len(r["rejected"])) for r in rows], max_len, long_inputs, where,
+                  action="cut at the start of the prompt")
+    for r in rows:
+        r["chosen"], r["rejected"] = r["chosen"][-max_len:], r["rejected"][-max_len:]
+    return rows
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,7 +14,11 @@ from typing import Any
 from utils.config import config_dict
 from utils.errors import UserError
 
+log = logging.getLogger(__name__)
+
 DONE = "done"
+# input options whose names say neither "path" nor "dir"
+_INPUT_KEYS = {"eval_pairs", "eval_prompts", "ptx_data", "input", "reserved_lines"}
 # options that do not change what a step produces
 _HASH_EXCLUDE = {"output_dir", "force", "eval_interval", "eval_batches", "save_interval", "keep_last", "log_interval",
                  "resume", "enable_tensorboard", "peak_tflops", "samples_interval"}
@@ -35,10 +40,18 @@ def prepare_output_dir(path: str | Path) -> Path:
 def finished_run(run_dir: Path, cfg: Any) -> dict[str, Any] | None:
     """The done marker's summary if `run_dir` holds a finished run of this config (and --force is off).
 
-    With --force, the previous run's done marker, checkpoints and export are removed so it starts afresh.
+    With --force, or when the finished run read other inputs (data, model or tokenizer files rebuilt since),
+    the previous run's done marker, checkpoints and export are removed so it starts afresh. A finished run
+    whose options changed (say, more steps) resumes from its last checkpoint instead.
     """
     done = run_dir / DONE
-    if getattr(cfg, "force", False):
+    payload = json.loads(done.read_text(encoding="utf-8")) if done.is_file() else None
+    inputs = input_fingerprints(cfg)
+    changed = [k for k in inputs if payload and "inputs" in payload and payload["inputs"].get(k) != inputs[k]]
+    if changed and not getattr(cfg, "force", False):
+        log.warning("%s: the inputs of the finished run have changed since (%s): starting afresh", run_dir,
+                    ", ".join(f"--{k}" for k in changed))
+    if getattr(cfg, "force", False) or changed:
         from utils.dist import barrier, is_rank0
 
         if is_rank0():
@@ -47,16 +60,49 @@ def finished_run(run_dir: Path, cfg: Any) -> dict[str, Any] | None:
                 shutil.rmtree(run_dir / sub, ignore_errors=True)
         barrier()
         return None
-    if done.is_file():
-        payload = json.loads(done.read_text(encoding="utf-8"))
-        if payload.get("config_hash") == config_hash(cfg):
-            return payload
+    if payload is not None and payload.get("config_hash") == config_hash(cfg):
+        return payload
     return None
 
 
+def already_done(output_dir: str | Path, cfg: Any) -> bool:
+    """For the steps that write their output dir atomically in one go (data_process, step0): whether it holds
+    a finished run of this config and inputs (then say so and skip)."""
+    out = Path(output_dir)
+    if not out.is_dir() or finished_run(out, cfg) is None:
+        return False
+    log.info("%s already holds a finished run of this config: skipped (--force to redo)", out)
+    return True
+
+
+def input_fingerprints(cfg: Any) -> dict[str, str]:
+    """For each option that names an input file or dir (a data, model or tokenizer path): a digest of the
+    names, sizes and modification times of the files in it, so a step whose inputs were rebuilt (say, the
+    data made again with other settings) is not taken for finished."""
+    prints = {}
+    for key, value in config_dict(cfg).items():
+        if key == "output_dir" or not value or not ("path" in key or "dir" in key or key in _INPUT_KEYS):
+            continue
+        files = {}
+        for item in value if isinstance(value, list) else [value]:
+            path = Path(str(item))
+            if path.is_file():
+                files[str(path)] = path
+            elif path.is_dir():
+                files.update({str(p): p for p in sorted(path.rglob("*")) if p.is_file()})
+        if files:
+            digest = hashlib.sha256()
+            for name, f in files.items():
+                stat = f.stat()
+                digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+            prints[key] = digest.hexdigest()[:16]
+    return prints
+
+
 def config_hash(cfg: Any) -> str:
-    """Hash of the options that determine the step's result."""
+    """Hash of the options that determine the step's result, and of the inputs they name."""
     relevant = {k: v for k, v in config_dict(cfg).items() if k not in _HASH_EXCLUDE}
+    relevant["inputs"] = input_fingerprints(cfg)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -67,8 +113,12 @@ def write_done(run_dir: Path, cfg: Any, summary: dict[str, Any]) -> None:
     if not is_rank0():
         barrier()
         return
-    payload = {"config_hash": config_hash(cfg), **summary}
     tmp = run_dir / (DONE + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False), encoding="utf-8")
+    tmp.write_text(json.dumps(done_payload(cfg, summary), indent=1, ensure_ascii=False), encoding="utf-8")
     tmp.replace(run_dir / DONE)
     barrier()
+
+
+def done_payload(cfg: Any, summary: dict[str, Any]) -> dict[str, Any]:
+    """What a done marker holds: the config hash, the fingerprints of the inputs, and the summary."""
+    return {"config_hash": config_hash(cfg), "inputs": input_fingerprints(cfg), **summary}

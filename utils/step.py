@@ -58,6 +58,10 @@ def prepare_model(model, cfg: Any, tokenizer=None, always_train: tuple[str, ...]
     head, stay trainable next to the adapters)."""
     if tokenizer is not None:
         check_vocab(model.config.vocab_size, len(tokenizer), "the tokenizer")
+    limit = model.config.max_position_embeddings
+    if cfg.max_seq_len > limit:
+        raise UserError(f"--max_seq_len={cfg.max_seq_len} is longer than the model's {limit} positions "
+                        "(max_position_embeddings): lower --max_seq_len")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.lora_dim:

@@ -1,0 +1,62 @@
+"""The shell scripts the README shows, run as a user runs them: `make demo`'s run_all.sh end to end at nano
+size (every step script through the DeepSpeed launcher, the evaluations and the report card), then again,
+when every finished step is skipped; and `--help` of every Python entry point from another directory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO, clean_env
+
+STEPS = ("step1_pretrain", "step1_sft", "step2_reward", "step3_ppo", "step3_dpo")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run_all") / "demo"
+    env = clean_env(FAST="1", PRESET="nano", DEMO_SCALE="0.03", VOCAB_SIZE="600", MASTER_PORT="29623",
+                    PY=sys.executable)
+    first = subprocess.run(["bash", str(REPO / "training_scripts" / "run_all.sh"), str(out)], cwd=out.parent,
+                           env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    again = subprocess.run(["bash", str(REPO / "training_scripts" / "run_all.sh"), str(out)], cwd=out.parent,
+                           env=env, capture_output=True, text=True, timeout=600)
+    return out, first, again
+
+
+def test_run_all_runs_every_step_and_writes_the_report(smoke):
+    out, first, _ = smoke
+    for step in STEPS:
+        assert (out / step / "done").is_file() and (out / step / "final" / "config.json").is_file(), step
+    launched = [ln for ln in first.stderr.splitlines() if ln.startswith("+ ") and "deepspeed.launcher.runner" in ln]
+    assert len(launched) == len(STEPS)  # every training step went through DeepSpeed's launcher
+    for step in ("step3_ppo", "step3_dpo"):  # the comparison with the SFT model
+        assert 0 <= json.loads((out / step / "eval.json").read_text())["win_rate"] <= 1
+    assert (out / "step2_reward" / "rw_eval.json").is_file()
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert all(f"## {name}" in report for name in ("Step 1: pretraining", "Step 1: supervised fine-tuning",
+                                                   "Step 2: reward model", "Step 3: PPO", "Step 3: DPO"))
+    assert (out / "report.html").is_file() and list((out / "report").glob("*.png"))
+
+
+def test_run_all_again_skips_every_finished_step(smoke):
+    out, _, again = smoke
+    assert again.returncode == 0, again.stderr[-3000:]
+    # data_process and step0 as well as the training steps
+    assert again.stderr.count("already holds a finished run of this config: skipped") == len(STEPS) + 2
+    assert "is up to date: skipped" in again.stderr  # the evaluations of finished steps too
+    assert "train:" not in again.stderr and "ppo:" not in again.stderr  # no training step ran
+
+
+@pytest.mark.parametrize("script", ["data_process/main.py", "data_process/make_pairs.py", "step0_tokenizer/main.py",
+                                    "step1_pretrain_sft/main.py", "step1_pretrain_sft/chat.py",
+                                    "step1_pretrain_sft/serve.py", "step2_reward_model/main.py",
+                                    "step2_reward_model/rw_eval.py", "step3_rlhf_ppo/main.py", "step3_rlhf_ppo/dpo.py",
+                                    "step3_rlhf_ppo/evaluate.py"])
+def test_every_entry_point_answers_help_from_any_directory(tmp_path, script):
+    proc = subprocess.run([sys.executable, str(REPO / script), "--help"], cwd=tmp_path, env=clean_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-1000:]
