@@ -60,7 +60,7 @@ def finished_run(run_dir: Path, cfg: Any) -> dict[str, Any] | None:
                 shutil.rmtree(run_dir / sub, ignore_errors=True)
         barrier()
         return None
-    if payload is not None and payload.get("config_hash") == config_hash(cfg):
+    if payload is not None and payload.get("config_hash") == config_hash(cfg, inputs):
         return payload
     return None
 
@@ -99,10 +99,11 @@ def input_fingerprints(cfg: Any) -> dict[str, str]:
     return prints
 
 
-def config_hash(cfg: Any) -> str:
-    """Hash of the options that determine the step's result, and of the inputs they name."""
+def config_hash(cfg: Any, inputs: dict[str, str] | None = None) -> str:
+    """Hash of the options that determine the step's result, and of the inputs they name (`inputs`: their
+    input_fingerprints, when the caller has them already)."""
     relevant = {k: v for k, v in config_dict(cfg).items() if k not in _HASH_EXCLUDE}
-    relevant["inputs"] = input_fingerprints(cfg)
+    relevant["inputs"] = input_fingerprints(cfg) if inputs is None else inputs
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -121,4 +122,5 @@ def write_done(run_dir: Path, cfg: Any, summary: dict[str, Any]) -> None:
 
 def done_payload(cfg: Any, summary: dict[str, Any]) -> dict[str, Any]:
     """What a done marker holds: the config hash, the fingerprints of the inputs, and the summary."""
-    return {"config_hash": config_hash(cfg), "inputs": input_fingerprints(cfg), **summary}
+    inputs = input_fingerprints(cfg)  # walks the input dirs: once
+    return {"config_hash": config_hash(cfg, inputs), "inputs": inputs, **summary}
