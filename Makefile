@@ -46,8 +46,9 @@ demo: setup
 	bash training_scripts/run_all.sh
 
 bench: setup
-	@test -f bench/run.py || { echo "make bench: no benchmarks yet (bench/run.py, issue #10)" >&2; exit 1; }
+	$(PY) -m pip install --quiet --disable-pip-version-check "trl==1.16.0" 2>&1 | grep -v "is ignored" || true
 	$(PY) -m bench.run
+	$(PY) -m bench.report
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -10,23 +10,26 @@ Suites:
   train       tokens/s of one optimizer step on the tiny preset (seq 256, micro batch 8, fp32, random tokens):
               plain PyTorch loop, our loop (utils.trainer) under ZeRO 0-3, transformers Trainer; MFU.
   generate    new tokens/s of HF generate with and without KV cache, and of PPO's own generation path
-              (utils.hybrid) at ZeRO-0 and ZeRO-3, batch 1 and 8 (prompt 32, 128 new tokens, sampling).
+              (utils.hybrid) at ZeRO-0 and ZeRO-3 (weights gathered once), against generate on the
+              ZeRO-3-partitioned module (gathered in every forward); batch 1 and 8 (prompt 32, 128 new
+              tokens, sampling).
   ppo         samples/s of a PPO step on the demo's SFT and reward-model exports (--demo OUT), its time
               breakdown (generation; actor, reference, reward and critic forwards; actor and critic
               training), and how both grow with the generation batch (8, 16, 32) and reply length (32-128).
+  rm, dpo     our reward-model and DPO training against TRL's RewardTrainer and DPOTrainer (bench/preference.py).
+  data        cleaning and MinHash dedup, tokenizer training, packing (bench/data.py).
+  scaling     tokens/s and peak memory against preset and sequence length (bench/scaling.py).
+  memory      peak RSS of every demo step, and of base-preset PPO under ZeRO-3 with and without offload.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import logging
 import statistics
 import sys
-import time
 from collections.abc import Callable
-from importlib.metadata import version
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -34,64 +37,24 @@ if __package__ in (None, ""):
 
 import torch
 
+from bench.common import (
+    MICRO,
+    SEQ,
+    environment,
+    hf_args,
+    hf_style_step_fn,
+    matmul_peak,
+    our_loop_step_fn,
+    random_batch,
+    timed_windows,
+    tiny_model,
+)
+from bench.data import suite_data
+from bench.preference import suite_dpo, suite_rm
+from bench.scaling import suite_memory, suite_scaling
+
 RESULTS = Path(__file__).resolve().parent / "results"
-SEQ, MICRO = 256, 8
-
-
-# ----------------------------------------------------------------------------------------------------
-# Timing with a foreign-load check
-
-
-def _foreign_cpu_seconds() -> float:
-    """CPU seconds used by every process except this one (user + system, from /proc/stat minus ours)."""
-    with open("/proc/stat", encoding="utf-8") as f:
-        fields = f.readline().split()[1:]
-    ticks = os.sysconf("SC_CLK_TCK")
-    busy = sum(int(x) for i, x in enumerate(fields) if i not in (3, 4)) / ticks  # all but idle and iowait
-    own = sum(os.times()[:4])
-    return busy - own
-
-
-def timed_windows(step: Callable[[], float], *, steps: int, windows: int, warmup: int,
-                  max_foreign: float) -> dict[str, float]:
-    """Run `warmup` steps, then `windows` windows of `steps` steps; `step()` returns the work it did
-    (tokens). Windows where other processes used more than max_foreign x the window's length are redone
-    (at most 3 times each)."""
-    for _ in range(warmup):
-        step()
-    rates, redone = [], 0
-    while len(rates) < windows:
-        f0, t0 = _foreign_cpu_seconds(), time.perf_counter()
-        work = sum(step() for _ in range(steps))
-        dt = time.perf_counter() - t0
-        foreign = _foreign_cpu_seconds() - f0
-        if foreign > max_foreign * dt and redone < 3 * windows:
-            redone += 1
-            continue
-        rates.append(work / dt)
-    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "windows": len(rates),
-            "redone": redone}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Models and data
-
-
-def tiny_model(seed: int = 0):
-    from utils.model import create_causal_lm
-
-    return create_causal_lm("tiny", 8192, 2048, seed=seed)
-
-
-def random_batch(seed: int = 0) -> dict[str, torch.Tensor]:
-    ids = torch.randint(5, 8192, (MICRO, SEQ), generator=torch.Generator().manual_seed(seed))
-    return {"input_ids": ids, "labels": ids.clone()}
-
-
-def matmul_peak() -> float:
-    from utils.trainer import measure_peak_flops
-
-    return measure_peak_flops(torch.device("cpu"))
+log = logging.getLogger("bench")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -112,29 +75,17 @@ def plain_step_fn() -> Callable[[], float]:
     return step
 
 
-def our_loop_step_fn(stage: int) -> Callable[[], float]:
-    """One optimizer step of utils.trainer's loop (normalisation, NaN guard, metrics) on a DeepSpeed engine."""
+def our_lm_step_fn(stage: int) -> Callable[[], float]:
+    """One optimizer step of utils.trainer's loop on the LM loss at ZeRO `stage`."""
     from utils.config import TrainConfig
     from utils.data import stack_collate
-    from utils.dist import choose_precision
-    from utils.engine import init_engine
     from utils.lm import CausalLMTask
-    from utils.trainer import MicroBatchStream, Trainer
 
     cfg = TrainConfig(output_dir="/tmp/bench-run", zero_stage=stage, per_device_train_batch_size=MICRO,
-                      max_seq_len=SEQ, eval_interval=0, save_interval=0, enable_tensorboard=False)
-    precision = choose_precision("fp32")
-    engine = init_engine(tiny_model(), cfg, precision, total_steps=10_000)
-    rows = [random_batch(i) for i in range(64)]
-    data = [{k: v[j] for k, v in b.items()} for b in rows for j in range(MICRO)]
-    trainer = Trainer(cfg, engine, data, stack_collate, CausalLMTask([], stack_collate, MICRO, 0), precision=precision,
-                      total_steps=10_000, flops_per_token=0.0, run_dir="/tmp/bench-run")
-    stream = MicroBatchStream(data, stack_collate, trainer.plan, trainer.state, engine.device)
-    engine.train()
-
-    def step() -> float:
-        return float(trainer._train_step(stream)["tokens"])
-    return step
+                      max_seq_len=SEQ, eval_interval=0, save_interval=0, enable_tensorboard=False, dtype="fp32")
+    data = [{k: v[j] for k, v in random_batch(i).items()} for i in range(64) for j in range(MICRO)]
+    step = our_loop_step_fn(tiny_model(), CausalLMTask([], stack_collate, MICRO, 0), data, stack_collate, cfg)
+    return lambda: float(step()["tokens"])
 
 
 def hf_trainer_step_fn() -> Callable[[], float]:
@@ -142,28 +93,8 @@ def hf_trainer_step_fn() -> Callable[[], float]:
 
     model = tiny_model()
     data = [{k: v[j] for k, v in random_batch(i).items()} for i in range(64) for j in range(MICRO)]
-    args = TrainingArguments(output_dir="/tmp/bench-hf", per_device_train_batch_size=MICRO, max_steps=10_000,
-                             report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
-                             dataloader_num_workers=0, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=data)
-    trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
-    loader = iter(trainer.get_train_dataloader())
-    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop, which this drives step by step
-    model.train()
-
-    def step() -> float:
-        nonlocal loader
-        try:
-            batch = next(loader)
-        except StopIteration:
-            loader = iter(trainer.get_train_dataloader())
-            batch = next(loader)
-        trainer.training_step(model, batch)
-        trainer.optimizer.step()
-        trainer.lr_scheduler.step()
-        model.zero_grad(set_to_none=True)
-        return float(MICRO * SEQ)
-    return step
+    trainer = Trainer(model=model, args=hf_args(TrainingArguments, "/tmp/bench-hf", MICRO), train_dataset=data)
+    return hf_style_step_fn(trainer, model, float(MICRO * SEQ))
 
 
 def suite_train(args) -> dict:
@@ -173,7 +104,7 @@ def suite_train(args) -> dict:
     out: dict = {"config": {"preset": "tiny", "seq": SEQ, "micro_batch": MICRO, "dtype": "fp32"}}
     out["plain"] = timed_windows(plain_step_fn(), **kw)
     for stage in (0, 1, 2, 3):
-        out[f"ours_zero{stage}"] = timed_windows(our_loop_step_fn(stage), **kw)
+        out[f"ours_zero{stage}"] = timed_windows(our_lm_step_fn(stage), **kw)
     out["hf_trainer"] = timed_windows(hf_trainer_step_fn(), **kw)
     model = tiny_model()
     fpt = flops_per_token(count_parameters(model), model.config.num_hidden_layers, model.config.hidden_size, SEQ)
@@ -229,6 +160,26 @@ def own_generate_fn(ids: torch.Tensor, new: int, stage: int) -> Callable[[], flo
     return step
 
 
+def per_forward_generate_fn(ids: torch.Tensor, new: int) -> Callable[[], float]:
+    """HF generate on a ZeRO-3 engine's partitioned module: DeepSpeed's hooks gather each layer's weights
+    again in every forward (one per new token), what the own path's gather-once avoids."""
+    from utils.config import TrainConfig
+    from utils.dist import choose_precision
+    from utils.engine import init_engine
+
+    cfg = TrainConfig(output_dir="/tmp/bench-gen", zero_stage=3, per_device_train_batch_size=ids.shape[0])
+    engine = init_engine(tiny_model(), cfg, choose_precision("fp32"), 10)
+    engine.eval()
+    mask = torch.ones_like(ids)
+
+    def step() -> float:
+        with torch.no_grad():
+            out = engine.module.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=new,
+                                         min_new_tokens=new, pad_token_id=4)
+        return float((out.shape[1] - ids.shape[1]) * ids.shape[0])
+    return step
+
+
 def suite_generate(args) -> dict:
     new = 128
     out: dict = {"config": {"preset": "tiny", "prompt": 32, "new_tokens": new, "sampling": "temperature 1"}}
@@ -238,12 +189,15 @@ def suite_generate(args) -> dict:
         runs = {f"generate_b{batch}_cache": hf_generate_fn(ids, new, True),
                 f"generate_b{batch}_nocache": hf_generate_fn(ids, new, False),
                 f"own_b{batch}_zero0": own_generate_fn(ids, new, 0),
-                f"own_b{batch}_zero3": own_generate_fn(ids, new, 3)}
+                f"own_b{batch}_zero3": own_generate_fn(ids, new, 3),
+                f"zero3_per_forward_b{batch}": per_forward_generate_fn(ids, new)}
         for name, fn in runs.items():
             out[name] = timed_windows(fn, **kw)
         base = out[f"generate_b{batch}_cache"]["median"]
         for name in runs:
             out[f"ratio_{name}_vs_cache"] = out[name]["median"] / base
+        out[f"ratio_b{batch}_gather_once_vs_per_forward"] = (out[f"own_b{batch}_zero3"]["median"]
+                                                           / out[f"zero3_per_forward_b{batch}"]["median"])
     return out
 
 
@@ -310,18 +264,8 @@ def suite_ppo(args) -> dict:
     return out
 
 
-SUITES = {"train": suite_train, "generate": suite_generate, "ppo": suite_ppo}
-
-
-def environment() -> dict:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.processor())
-    from utils.dist import cpu_has_fast_bf16
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "fast_bf16": cpu_has_fast_bf16(), "threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "packages": {p: version(p) for p in ("torch", "deepspeed", "transformers")},
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "date": time.strftime("%Y-%m-%d %H:%M")}
+SUITES = {"train": suite_train, "generate": suite_generate, "ppo": suite_ppo, "rm": suite_rm, "dpo": suite_dpo,
+          "data": suite_data, "scaling": suite_scaling, "memory": suite_memory}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -342,7 +286,11 @@ def main(argv: list[str] | None = None) -> dict:
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = {"environment": environment()}
     for name in args.only:
-        report[name] = SUITES[name](args)
+        try:
+            report[name] = SUITES[name](args)
+        except Exception as err:  # one broken suite must not cost the others' figures
+            log.exception("suite %s failed", name)
+            report[name] = {"error": f"{type(err).__name__}: {err}"}
         (RESULTS / f"{name}.json").write_text(json.dumps({"environment": report["environment"], name: report[name]},
                                                          indent=1), encoding="utf-8")
         print(json.dumps({name: report[name]}, indent=1))

@@ -211,8 +211,14 @@ class DemoBuilder:
     # -- reviews ----------------------------------------------------------------------------------------
     def review_tasks(self, pos: Pool, neg: Pool, to_eval: bool, counts: dict[str, int]) -> None:
         """T1, T4, T5 and T6 examples (SFT or eval) drawn from the pools."""
-        for pool in (pos, neg):
-            for r in pool.take(self.n(counts["t1"])):
+        # T1 in length-matched positive/negative couples: negative reviews are shorter, and the pairs above
+        # take the long ones, so unmatched draws let a model read the label off the length
+        picked = pos.take(self.n(counts["t1"]))
+        matched = self.match_lengths(picked, neg)
+        used = {id(p) for p, _ in matched}
+        pos.units = sorted(pos.units + [p for p in picked if id(p) not in used], key=lambda u: u.rank)
+        for couple in matched:
+            for r in couple:
                 self.task("t1_sentiment", T1.format(review=r.text), LABELS[r.label], r.text, to_eval)
         for cat in CATEGORIES:
             for r in pos.take(self.n(counts["t4"]), lambda u, c=cat: u.cat == c):
@@ -226,6 +232,25 @@ class DemoBuilder:
                 prompt, rest = continuation(r.text, self.rng(r.text))
                 self.task("t6_continue", prompt, rest, r.text, to_eval)
 
+    @staticmethod
+    def match_lengths(picked: list[Review], pool: Pool, pred=lambda u: True) -> list[tuple[Review, Review]]:
+        """Each review of `picked` (in order) with the review of `pool` (those satisfying `pred`) closest in
+        length within a ratio of [0.75, 1.33], removed from the pool; picked reviews without a match are
+        left out. Unused candidates return to the pool (the caller returns unmatched picks to theirs)."""
+        candidates = sorted(pool.take(len(pool.units), pred), key=lambda u: len(u.text))
+        lengths = [len(u.text) for u in candidates]
+        matched = []
+        for p in picked:
+            lo = bisect.bisect_left(lengths, len(p.text) * 0.75)
+            hi = bisect.bisect_right(lengths, len(p.text) * 1.33)
+            if lo >= hi:
+                continue
+            j = min(range(lo, hi), key=lambda k: abs(lengths[k] - len(p.text)))
+            matched.append((p, candidates.pop(j)))
+            lengths.pop(j)
+        pool.units = sorted(pool.units + candidates, key=lambda u: u.rank)
+        return matched
+
     def review_pairs(self, pos: Pool, neg: Pool, per_category: int, t1_flips: int, to_eval: bool) -> None:
         """P1: a category-only review prompt, chosen = positive, rejected = a negative review of the same
         category with length ratio in [0.75, 1.33] (else the RM learns "longer is better"); plus P2 pairs
@@ -233,18 +258,8 @@ class DemoBuilder:
         flips = 0
         for cat in CATEGORIES:
             chosen = pos.take(self.n(per_category), lambda u, c=cat: u.cat == c)
-            candidates = sorted(neg.take(len(neg.units), lambda u, c=cat: u.cat == c), key=lambda u: len(u.text))
-            lengths = [len(u.text) for u in candidates]
-            unmatched = []
-            for p in chosen:
-                lo = bisect.bisect_left(lengths, len(p.text) * 0.75)
-                hi = bisect.bisect_right(lengths, len(p.text) * 1.33)
-                if lo >= hi:
-                    unmatched.append(p)
-                    continue
-                j = min(range(lo, hi), key=lambda k: abs(lengths[k] - len(p.text)))
-                r = candidates.pop(j)
-                lengths.pop(j)
+            matched = self.match_lengths(chosen, neg, lambda u, c=cat: u.cat == c)
+            for p, r in matched:
                 units = (p.text, r.text)
                 prompt = review_prompt(T4 + T5, CATEGORY_TOPIC[cat], self.rng(p.text + r.text))
                 self.pair(prompt, p.text, r.text, "review_sentiment", units, to_eval)
@@ -254,8 +269,8 @@ class DemoBuilder:
                         wrong = LABELS["neg" if u.label == "pos" else "pos"]
                         self.pair(T1.format(review=u.text), LABELS[u.label], wrong, "corrupted_answer", units,
                                   to_eval)
-            pos.units = sorted(pos.units + unmatched, key=lambda u: u.rank)
-            neg.units = sorted(neg.units + candidates, key=lambda u: u.rank)
+            used = {id(p) for p, _ in matched}
+            pos.units = sorted(pos.units + [p for p in chosen if id(p) not in used], key=lambda u: u.rank)
 
     def ppo_prompts(self, pos: Pool, neg: Pool, count: int, to_eval: bool) -> None:
         """T5 topics and T6 prefixes of both polarities (eval rows carry the real review as reference)."""

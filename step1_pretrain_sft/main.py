@@ -13,7 +13,8 @@ pretrain: next-token cross-entropy on fixed windows of --max_seq_len tokens cut 
   and a few sampled continuations.
 sft: conversations rendered with the tokenizer's ChatML template; loss only on assistant replies and their
   <|im_end|> (utils.chat). Rows are right-padded, or packed several per row with --packing (no attention
-  across conversations). Optional LoRA (--lora_dim), merged into the weights on export. Evaluation:
+  across conversations). --loss_weighting conversation averages the loss over conversations instead of reply
+  tokens, so short answers (a sentiment label) are not drowned by long ones. Optional LoRA (--lora_dim), merged into the weights on export. Evaluation:
   held-out loss and greedy-decoding scores of the verifiable tasks in --eval_task_dir.
 Both: AdamW, warmup + cosine, clipping, accumulation, ZeRO from --zero_stage, checkpoints every
 --save_interval steps and resume on re-launch (utils.trainer), export to OUTPUT/final/.
@@ -32,7 +33,7 @@ if __package__ in (None, ""):  # `python main.py` / `deepspeed main.py` from ins
 import torch
 
 from step1_pretrain_sft.data import load_sft_split, render_rows
-from utils.chat import PackedCollator, PaddedCollator, pack_rows
+from utils.chat import PackedCollator, PaddedCollator, pack_rows, with_conversation_weights
 from utils.config import TrainConfig, option, require
 from utils.data import PackedTokens, read_token_meta, stack_collate
 from utils.dist import get_world_size
@@ -54,6 +55,10 @@ class Step1Config(TrainConfig):
 
     stage: str = option("pretrain", "Which stage to run.", choices=("pretrain", "sft"))
     packing: bool = option(False, "SFT: pack several conversations per row (no attention across them).")
+    loss_weighting: str = option("token", "SFT: how the loss averages: over reply tokens, or over "
+                                 "conversations (each conversation's reply tokens share one unit, so a "
+                                 "2-token answer weighs as much as a 100-token one).",
+                                 choices=("token", "conversation"))
     eval_task_dir: str = option("", "SFT: dir of held-out task files (<task>.jsonl) scored by generation.")
     eval_task_samples: int = option(100, "SFT: prompts per held-out task scored at each evaluation.")
     eval_max_new_tokens: int = option(96, "SFT: token limit of each generated held-out answer.")
@@ -75,6 +80,8 @@ class Step1Config(TrainConfig):
                     "step0 is packed already: drop --packing or use --stage sft")
             require(not self.eval_task_dir, "eval_task_dir", self.eval_task_dir, "scores SFT answers: drop it "
                     "or use --stage sft")
+            require(self.loss_weighting == "token", "loss_weighting", self.loss_weighting,
+                    "weighs SFT conversations; pretraining windows have none: drop it or use --stage sft")
 
 
 class PretrainTask(CausalLMTask):
@@ -138,6 +145,8 @@ def sft_data(cfg: Step1Config, tokenizer):
     valid_rows = load_sft_split(cfg.data_path, "validation", required=False)
     valid = (render_rows(valid_rows, tokenizer, cfg.max_seq_len, "validation", cfg.long_inputs, where)
              if valid_rows else [])
+    if cfg.loss_weighting == "conversation":
+        train = [with_conversation_weights(row) for row in train]
     if cfg.packing:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         train = pack_rows([train[i] for i in order], cfg.max_seq_len)

@@ -36,7 +36,7 @@ from utils.data import check_lengths, sharded_eval_batches
 from utils.dist import barrier, get_device, get_rank, get_world_size, is_rank0
 from utils.errors import UserError, main_guard
 from utils.log import read_metrics
-from utils.losses import preference_loss, sequence_logps
+from utils.losses import IGNORE_INDEX, preference_loss, sequence_logps
 from utils.model import check_model_dir, load_causal_lm
 from utils.preference import Pair, load_pairs
 from utils.step import load_tokenizer, prepare_model, start, train_and_export
@@ -104,9 +104,16 @@ class DPOCollator:
 
 
 def policy_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(chosen logps, rejected logps, chosen lengths, rejected lengths), each (P,), from one forward."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logps, lengths = sequence_logps(logits, batch["labels"])  # (2P,)
+    """(chosen logps, rejected logps, chosen lengths, rejected lengths), each (P,), from one forward.
+
+    Only positions from the first one that predicts a reply token in any row get logits (transformers'
+    logits_to_keep): the LM head and the softmax skip the common prompt part."""
+    labels = batch["labels"]
+    scored = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
+    first = int(scored[0]) if len(scored) else labels.shape[1] - 1
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                   logits_to_keep=labels.shape[1] - first).logits  # positions first .. T-1
+    logps, lengths = sequence_logps(logits, labels[:, first:])  # (2P,)
     n = logps.shape[0] // 2
     return logps[:n], logps[n:], lengths[:n], lengths[n:]
 

@@ -367,6 +367,23 @@ def test_demo_answers_follow_the_task_formats(demo):
             assert 0.75 <= len(row["rejected"]) / len(row["chosen"]) <= 1.33
 
 
+def test_demo_sentiment_labels_do_not_follow_length(demo):
+    """T1 reviews come in length-matched positive/negative couples, so review length tells nothing about the
+    label (before, the long negatives went to the preference pairs and SFT's negatives were a third shorter
+    than its positives: a model learned "short means negative")."""
+    import statistics
+
+    sft = load(demo, "sft")
+    rows = [(r["messages"][0]["content"], r["messages"][1]["content"]) for split in ("train", "validation")
+            for r in sft[split] if r["task"] == "t1_sentiment"]
+    evals = [json.loads(line) for line in (demo / "eval" / "t1_sentiment.jsonl").read_text().splitlines()]
+    for name, pairs in (("sft", rows), ("eval", [(r["prompt"], r["reference"]) for r in evals])):
+        lengths = {label: [len(p.split("评论：", 1)[1]) for p, a in pairs if a == label] for label in ("正面", "负面")}
+        assert len(lengths["正面"]) == len(lengths["负面"]) > 100, name
+        ratio = statistics.median(lengths["负面"]) / statistics.median(lengths["正面"])
+        assert 0.9 <= ratio <= 1.1, (name, ratio)
+
+
 def test_demo_no_text_in_two_splits(demo):
     seen: dict[str, str] = {}
     clashes = []

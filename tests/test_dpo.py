@@ -61,6 +61,24 @@ def test_prompt_tokens_are_masked_and_logps_sum_the_reply(chat_tokenizer):
     assert logp.item() == pytest.approx(direct, rel=1e-5) and n.item() == len(reply)
 
 
+def test_policy_logps_from_the_kept_logits_equal_the_full_forward(chat_tokenizer):
+    """policy_logps computes logits only from the first position that predicts a reply token; the log-probs
+    equal those of the full logits (prompts of different lengths, right padding)."""
+    from step3_rlhf_ppo.dpo import policy_logps
+    from utils.model import create_causal_lm
+
+    model = create_causal_lm("nano", len(chat_tokenizer), 256, seed=0).eval()
+    batch = DPOCollator(chat_tokenizer.pad_token_id)([encode_pair(chat_tokenizer, Pair(*p[:3]), 128) for p in PAIRS])
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        expected, lengths = sequence_logps(full, batch["labels"])
+        chosen, rejected, n_chosen, n_rejected = policy_logps(model, batch)
+    assert torch.allclose(torch.cat([chosen, rejected]), expected, atol=1e-4)
+    assert torch.cat([n_chosen, n_rejected]).tolist() == lengths.tolist()
+    first_label = (batch["labels"] != -100).float().argmax(1).min().item()
+    assert first_label > 5  # the prompt part really is skipped
+
+
 def test_at_init_loss_is_log2_and_rewards_zero(chat_tokenizer):
     from utils.model import create_causal_lm
 

@@ -14,7 +14,9 @@ from helpers import REPO, clean_env
 from safetensors.torch import load_file
 
 from step1_pretrain_sft.main import main as step1_main
-from utils.chat import PackedCollator, PaddedCollator, pack_rows, render_chat
+from utils.chat import PackedCollator, PaddedCollator, pack_rows, render_chat, with_conversation_weights
+from utils.lm import CausalLMTask
+from utils.losses import next_token_loss_sum
 from utils.log import read_metrics
 
 CONVERSATIONS = [
@@ -75,6 +77,35 @@ def test_packed_rows_do_not_attend_across_conversations(chat_tokenizer):
             alone = model(input_ids=torch.tensor([r["input_ids"]])).logits[0]
             assert torch.allclose(together[start:start + len(r["input_ids"])], alone, atol=1e-5)
             start += len(r["input_ids"])
+
+
+def test_conversation_weighting_averages_per_conversation(chat_tokenizer):
+    """--loss_weighting conversation: the loss sum is the sum over conversations of each one's mean token
+    loss, its units are conversations, and the weights survive packing and padding unchanged."""
+    from utils.model import create_causal_lm
+
+    rows = [with_conversation_weights(render_chat(chat_tokenizer, c)) for c in CONVERSATIONS]
+    for r in rows:
+        scored = [j for j in range(1, len(r["labels"])) if r["labels"][j] != -100]
+        assert sum(r["loss_weights"]) == pytest.approx(1.0)
+        assert [j for j, w in enumerate(r["loss_weights"]) if w] == scored
+        assert len({r["loss_weights"][j] for j in scored}) == 1  # equal shares within a conversation
+    model = create_causal_lm("nano", len(chat_tokenizer), 256, seed=0).eval()
+    expected = 0.0
+    with torch.no_grad():
+        for r in rows:  # each conversation alone, plain per-token mean
+            logits = model(input_ids=torch.tensor([r["input_ids"]])).logits
+            labels = torch.tensor([r["labels"]])
+            expected += (next_token_loss_sum(logits, labels) / (labels[:, 1:] != -100).sum()).item()
+    task = CausalLMTask([], None, 1, 0)
+    for batch in (PackedCollator(chat_tokenizer.pad_token_id)(pack_rows(rows, 10_000)),
+                  PaddedCollator(chat_tokenizer.pad_token_id)(rows)):
+        assert task.units(batch) == len(CONVERSATIONS)
+        with torch.no_grad():
+            assert task.loss(model, batch).loss_sum.item() == pytest.approx(expected, rel=1e-5)
+    # without weights the same rows give the token-weighted sum, a different number
+    plain = PaddedCollator(chat_tokenizer.pad_token_id)([render_chat(chat_tokenizer, c) for c in CONVERSATIONS])
+    assert task.units(plain) == sum(len([t for t in r["labels"][1:] if t != -100]) for r in rows)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ Batch layouts (collators below):
   packed: several conversations per row; input_ids (B, T), labels (B, T), position_ids (B, T) restarting
           at 0 for every conversation and no attention_mask: transformers then builds a block-diagonal
           causal mask, so no token attends across conversations.
+Both add loss_weights (B, T) float, 0 on pads, when the rows carry per-token weights
+(`with_conversation_weights`).
 """
 
 from __future__ import annotations
@@ -67,6 +69,16 @@ def render_chat(tokenizer, messages: list[dict[str, str]], max_len: int | None =
     return {"input_ids": ids, "labels": labels}
 
 
+def with_conversation_weights(row: dict[str, list]) -> dict[str, list]:
+    """`row` plus loss_weights: 1/n on each of its n label positions (those scored by next-token loss, index
+    >= 1), so that every conversation weighs the same in the loss whatever the length of its replies."""
+    scored = [j for j in range(1, len(row["labels"])) if row["labels"][j] != IGNORE_INDEX]
+    weights = [0.0] * len(row["labels"])
+    for j in scored:
+        weights[j] = 1.0 / len(scored)
+    return {**row, "loss_weights": weights}
+
+
 def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Ids of a conversation followed by the assistant header: what generation continues from."""
     return tokenizer(_template(tokenizer, messages, True), add_special_tokens=False)["input_ids"]
@@ -81,13 +93,20 @@ def render_response(tokenizer, prompt: str, response: str, max_len: int | None =
     return ids[-max_len:] if max_len is not None else ids
 
 
-def right_pad(rows: Sequence[dict[str, list[int]]], key: str, fill: int) -> torch.Tensor:
-    """rows[i][key] as a (B, T) long tensor, right-padded with `fill` to the longest row."""
+def right_pad(rows: Sequence[dict[str, list]], key: str, fill: int | float,
+              dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """rows[i][key] as a (B, T) tensor, right-padded with `fill` to the longest row."""
     width = max(len(r[key]) for r in rows)
-    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    out = torch.full((len(rows), width), fill, dtype=dtype)
     for i, r in enumerate(rows):
-        out[i, :len(r[key])] = torch.tensor(r[key], dtype=torch.long)
+        out[i, :len(r[key])] = torch.tensor(r[key], dtype=dtype)
     return out
+
+
+def _add_weights(batch: dict[str, torch.Tensor], rows: Sequence[dict[str, list]]) -> dict[str, torch.Tensor]:
+    if "loss_weights" in rows[0]:
+        batch["loss_weights"] = right_pad(rows, "loss_weights", 0.0, torch.float32)
+    return batch
 
 
 @dataclass
@@ -99,21 +118,23 @@ class PaddedCollator:
     def __call__(self, rows: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         ids = right_pad(rows, "input_ids", self.pad_token_id)
         mask = right_pad([{"m": [1] * len(r["input_ids"])} for r in rows], "m", 0)
-        return {"input_ids": ids, "attention_mask": mask, "labels": right_pad(rows, "labels", IGNORE_INDEX)}
+        return _add_weights({"input_ids": ids, "attention_mask": mask, "labels": right_pad(rows, "labels", IGNORE_INDEX)},
+                            rows)
 
 
 def pack_rows(rows: Sequence[dict[str, list[int]]], max_len: int) -> list[dict[str, list[int]]]:
     """Greedily concatenate rendered conversations (in the given order) into rows of <= max_len tokens,
-    with position_ids restarting at 0 for each conversation."""
-    packed: list[dict[str, list[int]]] = []
-    current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    with position_ids restarting at 0 for each conversation (loss_weights, when present, travel along)."""
+    keys = [k for k in ("input_ids", "labels", "loss_weights") if rows and k in rows[0]]
+    packed: list[dict[str, list]] = []
+    current: dict[str, list] = {k: [] for k in (*keys, "position_ids")}
     for r in rows:
         n = len(r["input_ids"])
         if current["input_ids"] and len(current["input_ids"]) + n > max_len:
             packed.append(current)
-            current = {"input_ids": [], "labels": [], "position_ids": []}
-        current["input_ids"] += r["input_ids"]
-        current["labels"] += r["labels"]
+            current = {k: [] for k in (*keys, "position_ids")}
+        for k in keys:
+            current[k] += r[k]
         current["position_ids"] += list(range(n))
     if current["input_ids"]:
         packed.append(current)
@@ -134,4 +155,5 @@ class PackedCollator:
         for i, r in enumerate(rows):
             n = len(r["input_ids"])
             positions[i, n:] = torch.arange(width - n)
-        return {"input_ids": ids, "position_ids": positions, "labels": right_pad(rows, "labels", IGNORE_INDEX)}
+        return _add_weights({"input_ids": ids, "position_ids": positions,
+                             "labels": right_pad(rows, "labels", IGNORE_INDEX)}, rows)

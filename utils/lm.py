@@ -16,7 +16,9 @@ from utils.trainer import LossOutput
 
 
 class CausalLMTask:
-    """Loss units are label tokens; `eval_dataset` rows are scored on every eval.
+    """Loss units are label tokens, or conversations when batches carry loss_weights (each conversation's
+    tokens weigh 1/n, utils.chat.with_conversation_weights); `eval_dataset` rows are scored on every eval,
+    always per token, so held-out losses compare across weightings.
 
     `chars_per_token` (characters of text per token in the held-out set) turns the loss in nats/token
     into bits per character, a figure comparable across tokenizers.
@@ -29,6 +31,8 @@ class CausalLMTask:
         self.chars_per_token = chars_per_token
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
+        if "loss_weights" in batch:
+            return round(batch["loss_weights"][:, 1:].sum().item())
         return count_label_tokens(batch["labels"])
 
     def tokens(self, batch: dict[str, torch.Tensor]) -> int:
@@ -36,15 +40,16 @@ class CausalLMTask:
         return int(mask.sum().item()) if mask is not None else batch["input_ids"].numel()
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_weights")}
         logits = model(**inputs, use_cache=False).logits  # (B, T, V)
-        return LossOutput(next_token_loss_sum(logits, batch["labels"]))
+        return LossOutput(next_token_loss_sum(logits, batch["labels"], batch.get("loss_weights")))
 
     def evaluate(self, model: torch.nn.Module, step: int = -1) -> dict[str, float]:
         loss_sum, units = 0.0, 0
         device = next(model.parameters()).device
         for batch, real in sharded_eval_batches(self.eval_dataset, self.collate, self.eval_batch_size,
                                                 self.eval_batches, device):
+            batch = {k: v for k, v in batch.items() if k != "loss_weights"}  # held-out loss: per token
             out = self.loss(model, batch).loss_sum.item()
             if real:
                 loss_sum += out

@@ -11,16 +11,23 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropies over positions whose label is not -100.
+def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of next-token cross-entropies over positions whose label is not -100, each times weights[b, t+1]
+    when `weights` (B, T) is given.
 
     logits (B, T, V) predict labels shifted by one: position t is scored against labels[:, t + 1].
     Returns a scalar; exactly 0 (with grad) when every label is masked, never NaN.
-    Equivalent to: sum over b, t < T-1 with labels[b, t+1] != -100 of -log softmax(logits[b, t])[labels[b, t+1]].
+    Equivalent to: sum over b, t < T-1 with labels[b, t+1] != -100 of
+    w[b, t+1] * -log softmax(logits[b, t])[labels[b, t+1]], with w = 1 without weights.
     """
-    shift_logits = logits[:, :-1, :].reshape(-1, logits.size(-1)).float()  # (B*(T-1), V)
-    shift_labels = labels[:, 1:].reshape(-1)  # (B*(T-1),)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    # shift the labels left (the last position gets -100) rather than slicing the logits: a view of the
+    # logits, not a (B, T-1, V) copy of them and of their gradient
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)  # (B*T,)
+    flat_logits = logits.float().reshape(-1, logits.size(-1))  # (B*T, V)
+    if weights is None:
+        return F.cross_entropy(flat_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    per_token = F.cross_entropy(flat_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return (per_token * F.pad(weights[:, 1:].float(), (0, 1)).reshape(-1)).sum()
 
 
 def count_label_tokens(labels: torch.Tensor) -> int:
@@ -51,12 +58,10 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     Position t scores labels[:, t + 1]; -100 labels (prompt, template, padding) contribute nothing.
     Equivalent to: for each row b, sum over t with labels[b, t+1] != -100 of log_softmax(logits[b, t])[labels[b, t+1]].
     """
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != IGNORE_INDEX
-    safe = shift_labels.masked_fill(~mask, 0)
-    logps = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
-    token_logps = logps.gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T), as in next_token_loss_sum
+    token_logps = -F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), shift_labels.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)  # 0 if ignored
+    return token_logps.sum(-1), (shift_labels != IGNORE_INDEX).sum(-1)
 
 
 def dpo_sigmoid_loss(logits: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:

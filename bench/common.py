@@ -1,0 +1,141 @@
+"""Shared pieces of the benchmarks: timed windows with a foreign-load check, the tiny model and random
+batches every suite starts from, and the environment record."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+
+SEQ, MICRO = 256, 8
+
+
+# ----------------------------------------------------------------------------------------------------
+# Timing with a foreign-load check
+
+
+def _foreign_cpu_seconds() -> float:
+    """CPU seconds used by every process except this one (user + system, from /proc/stat minus ours)."""
+    with open("/proc/stat", encoding="utf-8") as f:
+        fields = f.readline().split()[1:]
+    ticks = os.sysconf("SC_CLK_TCK")
+    busy = sum(int(x) for i, x in enumerate(fields) if i not in (3, 4)) / ticks  # all but idle and iowait
+    own = sum(os.times()[:4])
+    return busy - own
+
+
+def timed_windows(step: Callable[[], float], *, steps: int, windows: int, warmup: int,
+                  max_foreign: float) -> dict[str, float]:
+    """Run `warmup` steps, then `windows` windows of `steps` steps; `step()` returns the work it did
+    (tokens). Windows where other processes used more than max_foreign x the window's length are redone
+    (at most 3 times each)."""
+    for _ in range(warmup):
+        step()
+    rates, redone = [], 0
+    while len(rates) < windows:
+        f0, t0 = _foreign_cpu_seconds(), time.perf_counter()
+        work = sum(step() for _ in range(steps))
+        dt = time.perf_counter() - t0
+        foreign = _foreign_cpu_seconds() - f0
+        if foreign > max_foreign * dt and redone < 3 * windows:
+            redone += 1
+            continue
+        rates.append(work / dt)
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "windows": len(rates),
+            "redone": redone}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models and data
+
+
+def tiny_model(seed: int = 0):
+    from utils.model import create_causal_lm
+
+    return create_causal_lm("tiny", 8192, 2048, seed=seed)
+
+
+def random_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    ids = torch.randint(5, 8192, (MICRO, SEQ), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def matmul_peak() -> float:
+    from utils.trainer import measure_peak_flops
+
+    return measure_peak_flops(torch.device("cpu"))
+
+
+def environment() -> dict:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.processor())
+    from utils.dist import cpu_has_fast_bf16
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "fast_bf16": cpu_has_fast_bf16(), "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "packages": {p: _version(p) for p in ("torch", "deepspeed", "transformers", "trl")},
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Step functions shared by the suites
+
+
+def our_loop_step_fn(model, task, data: list, collate: Callable, cfg) -> Callable[[], dict]:
+    """One optimizer step of utils.trainer's loop (normalisation, NaN guard, metrics) on a DeepSpeed engine
+    built from `cfg` (a TrainConfig or a step's config); returns the step's metrics."""
+    from utils.dist import choose_precision
+    from utils.engine import init_engine
+    from utils.trainer import MicroBatchStream, Trainer
+
+    precision = choose_precision(cfg.dtype)
+    engine = init_engine(model, cfg, precision, total_steps=10_000)
+    trainer = Trainer(cfg, engine, data, collate, task, precision=precision, total_steps=10_000,
+                      flops_per_token=0.0, run_dir=cfg.output_dir)
+    stream = MicroBatchStream(data, collate, trainer.plan, trainer.state, engine.device)
+    engine.train()
+    return lambda: trainer._train_step(stream)
+
+
+def hf_style_step_fn(trainer, model, work: float) -> Callable[[], float]:
+    """One optimizer step of a transformers Trainer (or a TRL trainer built on it) driven step by step:
+    training_step (forward, loss, backward), gradient clipping, optimizer and schedule, as Trainer's own
+    loop does them; returns `work` per step."""
+    trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
+    loader = iter(trainer.get_train_dataloader())
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop, which this replaces
+    model.train()
+
+    def step() -> float:
+        nonlocal loader
+        try:
+            batch = next(loader)
+        except StopIteration:
+            loader = iter(trainer.get_train_dataloader())
+            batch = next(loader)
+        trainer.training_step(model, batch)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.args.max_grad_norm)  # as Trainer's own loop
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        model.zero_grad(set_to_none=True)
+        return work
+    return step
+
+
+def hf_args(cls, out: str, micro: int, **extra):
+    """Arguments of a transformers/TRL trainer that only trains: CPU, no logging, saving or workers."""
+    return cls(output_dir=out, per_device_train_batch_size=micro, max_steps=10_000, report_to=[],
+               save_strategy="no", logging_strategy="no", use_cpu=True, dataloader_num_workers=0,
+               disable_tqdm=True, **extra)

@@ -1,0 +1,156 @@
+"""Markdown tables of the latest benchmark results: `python -m bench.report` reads bench/results/*.json and
+rewrites the part of docs/BENCHMARKS.md between the two `bench:` markers (the commentary around them is
+written by hand). `make bench` runs it after the suites."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+DOC = REPO / "docs" / "BENCHMARKS.md"
+BEGIN, END = "<!-- bench:begin (written by python -m bench.report) -->", "<!-- bench:end -->"
+
+
+def rate(stat: dict, digits: int = 0) -> str:
+    """median (min-max) of a timed_windows result."""
+    if not isinstance(stat, dict) or "median" not in stat:
+        return str(stat.get("error", "n/a")) if isinstance(stat, dict) else "n/a"
+    f = f"{{:,.{digits}f}}"
+    return f"{f.format(stat['median'])} ({f.format(stat['min'])}-{f.format(stat['max'])})"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def env_line(env: dict) -> str:
+    packages = ", ".join(f"{k} {v}" for k, v in env["packages"].items())
+    return (f"{env['cpu']}, {env['cores']} cores, {env['threads']} torch threads, fast bf16: {env['fast_bf16']}; "
+            f"{packages}; GLIBC_TUNABLES={env['glibc_tunables'] or '(unset)'}; {env['date']} UTC.")
+
+
+def train(r: dict) -> str:
+    names = {"plain": "plain PyTorch loop (torch AdamW)", "ours_zero0": "our loop, ZeRO-0", "ours_zero1": "our loop, ZeRO-1",
+             "ours_zero2": "our loop, ZeRO-2", "ours_zero3": "our loop, ZeRO-3", "hf_trainer": "transformers Trainer"}
+    rows = [[label, rate(r[k]), f"{r['ratios'][k]:.2f}x", f"{r['mfu'][k]:.2f}", r[k]["redone"]] for k, label in names.items()]
+    return (table(["run", "tokens/s median (min-max)", "vs plain", "MFU", "redone"], rows)
+            + f"\n\nOur ZeRO-0 loop vs transformers Trainer: **{r['ratios']['ours_zero0_vs_hf_trainer']:.2f}x**; "
+            f"matmul peak {r['peak_flops'] / 1e9:.0f} GFLOP/s.")
+
+
+def generate(r: dict) -> str:
+    rows = []
+    for b in (1, 8):
+        cells = [b]
+        for name in (f"generate_b{b}_cache", f"generate_b{b}_nocache", f"own_b{b}_zero0", f"own_b{b}_zero3",
+                     f"zero3_per_forward_b{b}"):
+            cells.append(f"{rate(r[name])}, {r[f'ratio_{name}_vs_cache']:.2f}x")
+        cells.append(f"{r[f'ratio_b{b}_gather_once_vs_per_forward']:.2f}x")
+        rows.append(cells)
+    return table(["batch", "HF generate, KV cache", "HF generate, no cache", "own path, ZeRO-0",
+                  "own path, ZeRO-3 (gathered once)", "generate on ZeRO-3 module (gathered per forward)",
+                  "gather once / per forward"], rows)
+
+
+def ppo(r: dict) -> str:
+    if "skipped" in r:
+        return r["skipped"]
+    rows = []
+    for name, v in r.items():
+        if name == "config":
+            continue
+        shares = ", ".join(f"{k} {100 * x:.0f}%" for k, x in sorted(v["breakdown"].items(), key=lambda kv: -kv[1]))
+        rows.append([name, rate(v, 2), f"{v['step_seconds']:.2f}", f"{v['response_tokens']:.1f}", shares])
+    return table(["generation batch / reply limit", "samples/s", "s/step", "reply tokens", "time shares"], rows)
+
+
+def rm(r: dict) -> str:
+    return (table(["run", "pairs/s"], [["ours (step 2 loop, ZeRO-0)", rate(r["ours_zero0"], 2)],
+                                        ["TRL RewardTrainer", rate(r["trl_reward_trainer"], 2)]])
+            + f"\n\nOurs vs TRL: **{r['ratio_ours_vs_trl']:.2f}x**.")
+
+
+def dpo(r: dict) -> str:
+    rows = []
+    for mode, label in (("ref_on_the_fly", "reference scored every step"), ("precomputed_ref", "precomputed reference")):
+        rows.append([label, rate(r[f"ours_{mode}"], 2), rate(r[f"trl_{mode}"], 2), f"**{r[f'ratio_{mode}']:.2f}x**"])
+    return table(["mode", "ours pairs/s", "TRL DPOTrainer pairs/s", "ours / TRL"], rows)
+
+
+def data(r: dict) -> str:
+    c = r["config"]
+    out = [f"{c['documents']:,} demo documents ({c['characters']:,} characters).", "",
+           table(["stage", "rate median (min-max)"], [
+               ["cleaning, exact dedup only (docs/s)", rate(r["clean_exact_dedup"])],
+               ["cleaning + MinHash near-dup (docs/s)", rate(r["clean_exact_and_minhash"])],
+               ["step 0 packing: tokenise + write (tokens/s)", rate(r["step0_pack_tokens_per_s"])],
+               ["step 1 SFT render + pack (tokens/s)", rate(r["sft_render_pack_tokens_per_s"])]]),
+           "", f"MinHash takes {100 * r['minhash_share_of_time']:.0f}% of the cleaning time.", "",
+           table(["tokenizer", "lines", "characters", "training seconds"],
+                 [[k, f"{v['lines']:,}", f"{v['chars']:,}", f"{v['seconds']:.1f}"] for k, v in r["tokenizer_training"].items()])]
+    return "\n".join(out)
+
+
+def scaling(r: dict) -> str:
+    rows = []
+    for name, v in r.items():
+        if name == "config":
+            continue
+        if "error" in v:
+            rows.append([name, "", v["error"], "", ""])
+            continue
+        rows.append([name, f"{v['parameters'] / 1e6:.1f} M", rate(v), f"{v['mfu']:.2f}", f"{v['peak_rss_mib']:,.0f}"])
+    return table(["configuration", "parameters", "tokens/s median (min-max)", "MFU", "peak RSS MiB"], rows)
+
+
+def memory(r: dict) -> str:
+    out = [table(["demo step (make demo)", "peak RSS MiB"], [[k, v] for k, v in r["demo_steps"].items()]), ""]
+    rows = []
+    for key, label in (("base_ppo_zero3", "ZeRO-3"), ("base_ppo_zero3_offload", "ZeRO-3 + offload (optimizer, reference)")):
+        v = r[key]
+        rows.append([label, v.get("peak_rss_mib", v.get("error")), v.get("wall_seconds_2_steps", "")])
+    out.append(f"PPO with four base-preset models ({r['base_parameters'] / 1e6:.1f} M parameters each), "
+               "generation batch 8, replies up to 64 tokens, 2 steps:")
+    out += ["", table(["PPO configuration", "peak RSS MiB", "wall seconds (start-up + 2 steps)"], rows)]
+    return "\n".join(out)
+
+
+RENDER = {"train": ("Training throughput", train), "generate": ("Generation", generate), "ppo": ("A PPO step", ppo),
+          "rm": ("Reward-model training against TRL", rm), "dpo": ("DPO training against TRL", dpo),
+          "data": ("Data steps", data), "scaling": ("Scaling", scaling), "memory": ("Memory", memory)}
+
+
+def render() -> str:
+    parts = [BEGIN]
+    for name, (title, fn) in RENDER.items():
+        path = RESULTS / f"{name}.json"
+        if not path.is_file():
+            continue
+        result = json.loads(path.read_text(encoding="utf-8"))
+        parts += [f"### {title} (`python -m bench.run --only {name}`)", "", env_line(result["environment"]), "",
+                  fn(result[name]), ""]
+    parts.append(END)
+    return "\n".join(parts)
+
+
+def main() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    block = render()
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n## Latest `make bench` run\n\n" + block + "\n"
+    DOC.write_text(text, encoding="utf-8")
+    print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":
+    main()
