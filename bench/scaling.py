@@ -12,6 +12,7 @@ child process of its own (`python -m bench.scaling ONE-CONFIG-JSON` prints its r
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,10 +23,17 @@ PRESETS = ("nano", "tiny", "small", "base")
 DEMO_STEPS = ("step1_pretrain", "step1_sft", "step2_reward", "step3_ppo", "step3_dpo")
 
 
+def child_env() -> dict:
+    """This environment minus the process-group variables init_distributed set here: a child starts its
+    own one-process group on a free port."""
+    drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
 def _child(config: dict, timeout: int = 1800) -> dict:
     """Run one configuration in a fresh interpreter; its last stdout line is the JSON result."""
     proc = subprocess.run([sys.executable, "-m", "bench.scaling", json.dumps(config)], cwd=REPO, text=True,
-                          capture_output=True, timeout=timeout)
+                          capture_output=True, timeout=timeout, env=child_env())
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -105,7 +113,7 @@ def base_ppo_peak(root: Path, offload: bool) -> dict:
            "--dtype", "fp32", "--enable_tensorboard", "false"]
     if offload:
         cmd += ["--offload", "--offload_reference_model"]
-    proc = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True, timeout=3600)
+    proc = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True, timeout=3600, env=child_env())
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1]}
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
