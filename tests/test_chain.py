@@ -134,7 +134,10 @@ def test_ppo_trains_from_sft_and_reward_model_and_exports(chain):
     ema_moved = [(e - s).abs().max().item() for e, s in zip(ema.parameters(), sft.parameters(), strict=True)]
     assert max(moved) > 0 and 0 < max(ema_moved) < max(moved)  # EMA trails the actor
     report = json.loads((run / "eval.json").read_text(encoding="utf-8"))
-    assert 0.0 <= report["win_rate"] <= 1.0 and report["models"]["policy"]["kl_mean"] > 0.0
+    # the policy's log-probs differ from the SFT model's; the sign of this sampled KL estimate is noise after
+    # 4 nano steps (it averages log p - log p_ref over 6 sampled replies of 12 tokens)
+    kl = report["models"]["policy"]["kl_mean"]
+    assert 0.0 <= report["win_rate"] <= 1.0 and math.isfinite(kl) and kl != 0.0
     # same prompts and seed: the SFT answers of both evaluations agree, so the report can line them up
     dpo = json.loads((chain / "step3_dpo" / "eval.json").read_text(encoding="utf-8"))
     assert [s["baseline"] for s in report["samples"]] == [s["baseline"] for s in dpo["samples"]]

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from step1_pretrain_sft.main import main as step1_main
 from utils.chat import PackedCollator, PaddedCollator, pack_rows, render_chat, with_conversation_weights
 from utils.lm import CausalLMTask
-from utils.losses import next_token_loss_sum
 from utils.log import read_metrics
+from utils.losses import next_token_loss_sum
 
 CONVERSATIONS = [
     [{"role": "user", "content": "判断情感：房间干净，服务很好"}, {"role": "assistant", "content": "正面"}],

@@ -279,7 +279,12 @@ def config_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: Any, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
-    """Write the resolved config (plus run facts such as world size) as JSON, atomically."""
+    """Write the resolved config (plus run facts such as world size) as JSON, atomically; rank 0 only (two
+    ranks writing the same tmp file raced: one renamed it away under the other)."""
+    from utils.dist import is_rank0
+
+    if not is_rank0():
+        return
     payload = {**config_dict(cfg), **(extra or {})}
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
