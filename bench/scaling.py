@@ -63,9 +63,10 @@ def measure_training(preset: str, seq: int, micro: int, steps: int, windows: int
     step = our_loop_step_fn(model, CausalLMTask([], stack_collate, micro, 0), data, stack_collate, cfg)
     result = timed_windows(lambda: float(step()["tokens"]), steps=steps, windows=windows, warmup=1,
                            max_foreign=max_foreign)
+    rss = peak_rss_mib()  # before the matmul-peak measurement, whose large buffers would set it
     peak = measure_peak_flops(torch.device("cpu"))
     return {**result, "parameters": n_params, "mfu": result["median"] * fpt / peak, "peak_flops": peak,
-            "peak_rss_mib": peak_rss_mib()}
+            "peak_rss_mib": rss}
 
 
 def suite_scaling(args) -> dict:
