@@ -213,11 +213,7 @@ class DemoBuilder:
         """T1, T4, T5 and T6 examples (SFT or eval) drawn from the pools."""
         # T1 in length-matched positive/negative couples: negative reviews are shorter, and the pairs above
         # take the long ones, so unmatched draws let a model read the label off the length
-        picked = pos.take(self.n(counts["t1"]))
-        matched = self.match_lengths(picked, neg)
-        used = {id(p) for p, _ in matched}
-        pos.units = sorted(pos.units + [p for p in picked if id(p) not in used], key=lambda u: u.rank)
-        for couple in matched:
+        for couple in self.match_lengths(pos.take(self.n(counts["t1"])), pos, neg):
             for r in couple:
                 self.task("t1_sentiment", T1.format(review=r.text), LABELS[r.label], r.text, to_eval)
         for cat in CATEGORIES:
@@ -233,10 +229,10 @@ class DemoBuilder:
                 self.task("t6_continue", prompt, rest, r.text, to_eval)
 
     @staticmethod
-    def match_lengths(picked: list[Review], pool: Pool, pred=lambda u: True) -> list[tuple[Review, Review]]:
-        """Each review of `picked` (in order) with the review of `pool` (those satisfying `pred`) closest in
-        length within a ratio of [0.75, 1.33], removed from the pool; picked reviews without a match are
-        left out. Unused candidates return to the pool (the caller returns unmatched picks to theirs)."""
+    def match_lengths(picked: list[Review], source: Pool, pool: Pool, pred=lambda u: True) -> list[tuple[Review, Review]]:
+        """Each review of `picked` (taken from `source`, in order) with the review of `pool` (those
+        satisfying `pred`) closest in length within a ratio of [0.75, 1.33], removed from the pool. Picked
+        reviews without a match go back to `source`, unused candidates back to `pool`."""
         candidates = sorted(pool.take(len(pool.units), pred), key=lambda u: len(u.text))
         lengths = [len(u.text) for u in candidates]
         matched = []
@@ -249,6 +245,8 @@ class DemoBuilder:
             matched.append((p, candidates.pop(j)))
             lengths.pop(j)
         pool.units = sorted(pool.units + candidates, key=lambda u: u.rank)
+        used = {id(p) for p, _ in matched}
+        source.units = sorted(source.units + [p for p in picked if id(p) not in used], key=lambda u: u.rank)
         return matched
 
     def review_pairs(self, pos: Pool, neg: Pool, per_category: int, t1_flips: int, to_eval: bool) -> None:
@@ -258,8 +256,7 @@ class DemoBuilder:
         flips = 0
         for cat in CATEGORIES:
             chosen = pos.take(self.n(per_category), lambda u, c=cat: u.cat == c)
-            matched = self.match_lengths(chosen, neg, lambda u, c=cat: u.cat == c)
-            for p, r in matched:
+            for p, r in self.match_lengths(chosen, pos, neg, lambda u, c=cat: u.cat == c):
                 units = (p.text, r.text)
                 prompt = review_prompt(T4 + T5, CATEGORY_TOPIC[cat], self.rng(p.text + r.text))
                 self.pair(prompt, p.text, r.text, "review_sentiment", units, to_eval)
@@ -269,8 +266,6 @@ class DemoBuilder:
                         wrong = LABELS["neg" if u.label == "pos" else "pos"]
                         self.pair(T1.format(review=u.text), LABELS[u.label], wrong, "corrupted_answer", units,
                                   to_eval)
-            used = {id(p) for p, _ in matched}
-            pos.units = sorted(pos.units + [p for p in chosen if id(p) not in used], key=lambda u: u.rank)
 
     def ppo_prompts(self, pos: Pool, neg: Pool, count: int, to_eval: bool) -> None:
         """T5 topics and T6 prefixes of both polarities (eval rows carry the real review as reference)."""

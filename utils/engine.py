@@ -42,8 +42,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float],
                     offload: bool) -> torch.optim.Optimizer:
     """torch AdamW, fused (one kernel per parameter group instead of a dozen small ops per tensor; on CPU
-    too, where it made a reward-model step about 5% faster); DeepSpeed's CPU Adam only for CUDA training
-    with optimizer offload."""
+    too, as transformers' Trainer does); DeepSpeed's CPU Adam only for CUDA training with optimizer offload."""
     groups = param_groups(model, weight_decay)
     if torch.cuda.is_available() and offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
