@@ -15,8 +15,9 @@ from utils.tasks import read_jsonl
 log = logging.getLogger(__name__)
 
 
-def load_sft_split(path: str, split: str, required: bool = True) -> list[list[dict[str, str]]]:
-    """The `messages` of every row of `split` ("train"/"validation").
+def load_sft_split(path: str, split: str, required: bool = True) -> tuple[list[list[dict[str, str]]], list[Any]]:
+    """The `messages` of every row of `split` ("train"/"validation"), and each row's `task` (None where the
+    row names none).
 
     `path` is a dir written by datasets' save_to_disk (a DatasetDict with that split, or one Dataset used as
     train) or a .jsonl file (used as train). Other formats go through data_process first.
@@ -40,27 +41,31 @@ def load_sft_split(path: str, split: str, required: bool = True) -> list[list[di
                         "{\"messages\": [...]} rows")
     if required and not rows:
         raise UserError(f"--data_path {path}: no '{split}' rows")
-    conversations = []
+    conversations, tasks = [], []
     for i, row in enumerate(rows):
         if "messages" not in row:
             raise UserError(f"{path} ({split} row {i + 1}): no 'messages' field: convert prompt/response or "
                             "instruction/input/output data with data_process/main.py first")
         conversations.append(check_messages(row["messages"], f"{path} ({split} row {i + 1})"))
-    return conversations
+        tasks.append(row.get("task"))
+    return conversations, tasks
 
 
 def render_rows(conversations: list[list[dict[str, str]]], tokenizer, max_len: int, split: str,
-                long_inputs: str = "truncate", where: str = "--data_path") -> list[dict]:
+                long_inputs: str = "truncate", where: str = "--data_path", tasks: list[Any] | None = None) -> list[dict]:
     """Rendered rows, cut to max_len (or a UserError when `long_inputs` is "reject"); rows whose replies fall
-    entirely beyond max_len are dropped (and counted)."""
+    entirely beyond max_len are dropped (and counted). With `tasks` (one per conversation) each row keeps its
+    task under "task"."""
     full = [render_chat(tokenizer, messages) for messages in conversations]
     check_lengths([len(r["input_ids"]) for r in full], max_len, long_inputs, f"{where} ({split})")
     rendered, dropped = [], 0
-    for whole in full:
+    for i, whole in enumerate(full):
         row = {k: v[:max_len] for k, v in whole.items()}
         if all(t == -100 for t in row["labels"][1:]):
             dropped += 1
             continue
+        if tasks is not None:
+            row["task"] = tasks[i]
         rendered.append(row)
     if dropped:
         log.warning("%s: %d of %d conversations dropped: no reply token left within --max_seq_len=%d",

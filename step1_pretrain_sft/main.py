@@ -14,8 +14,11 @@ pretrain: next-token cross-entropy on fixed windows of --max_seq_len tokens cut 
 sft: conversations rendered with the tokenizer's ChatML template; loss only on assistant replies and their
   <|im_end|> (utils.chat). Rows are right-padded, or packed several per row with --packing (no attention
   across conversations). --loss_weighting conversation averages the loss over conversations instead of reply
-  tokens, so short answers (a sentiment label) are not drowned by long ones. Optional LoRA (--lora_dim), merged into the weights on export. Evaluation:
-  held-out loss and greedy-decoding scores of the verifiable tasks in --eval_task_dir.
+  tokens, so short answers (a sentiment label) are not drowned by long ones; --loss_weighting task gives each
+  task (the data's 'task' column) the share of its conversations, with equal tokens within a task. Optional
+  LoRA (--lora_dim), merged into the weights on export. Evaluation: held-out loss and greedy-decoding scores
+  of the verifiable tasks in --eval_task_dir (for sentiment also the share of 正面 answers and the AUC of the
+  first-token margin log p(正) - log p(负)).
 Both: AdamW, warmup + cosine, clipping, accumulation, ZeRO from --zero_stage, checkpoints every
 --save_interval steps and resume on re-launch (utils.trainer), export to OUTPUT/final/.
 """
@@ -33,7 +36,7 @@ if __package__ in (None, ""):  # `python main.py` / `deepspeed main.py` from ins
 import torch
 
 from step1_pretrain_sft.data import load_sft_split, render_rows
-from utils.chat import PackedCollator, PaddedCollator, pack_rows, with_conversation_weights
+from utils.chat import PackedCollator, PaddedCollator, pack_rows, with_conversation_weights, with_task_weights
 from utils.config import TrainConfig, option, require
 from utils.data import PackedTokens, read_token_meta, stack_collate
 from utils.dist import get_world_size
@@ -55,10 +58,12 @@ class Step1Config(TrainConfig):
 
     stage: str = option("pretrain", "Which stage to run.", choices=("pretrain", "sft"))
     packing: bool = option(False, "SFT: pack several conversations per row (no attention across them).")
-    loss_weighting: str = option("token", "SFT: how the loss averages: over reply tokens, or over "
+    loss_weighting: str = option("token", "SFT: how the loss averages: over reply tokens; over "
                                  "conversations (each conversation's reply tokens share one unit, so a "
-                                 "2-token answer weighs as much as a 100-token one).",
-                                 choices=("token", "conversation"))
+                                 "2-token answer weighs as much as a 100-token one); or by task (each "
+                                 "task, from the data's 'task' column, weighs as many units as it has "
+                                 "conversations, spread evenly over its reply tokens).",
+                                 choices=("token", "conversation", "task"))
     eval_task_dir: str = option("", "SFT: dir of held-out task files (<task>.jsonl) scored by generation.")
     eval_task_samples: int = option(100, "SFT: prompts per held-out task scored at each evaluation.")
     eval_max_new_tokens: int = option(96, "SFT: token limit of each generated held-out answer.")
@@ -140,13 +145,19 @@ def pretrain_data(cfg: Step1Config, tokenizer):
 
 def sft_data(cfg: Step1Config, tokenizer):
     where = f"--data_path {cfg.data_path}"
-    train = render_rows(load_sft_split(cfg.data_path, "train"), tokenizer, cfg.max_seq_len, "train", cfg.long_inputs,
-                        where)
-    valid_rows = load_sft_split(cfg.data_path, "validation", required=False)
+    conversations, tasks = load_sft_split(cfg.data_path, "train")
+    train = render_rows(conversations, tokenizer, cfg.max_seq_len, "train", cfg.long_inputs, where, tasks)
+    valid_rows, _ = load_sft_split(cfg.data_path, "validation", required=False)
     valid = (render_rows(valid_rows, tokenizer, cfg.max_seq_len, "validation", cfg.long_inputs, where)
              if valid_rows else [])
     if cfg.loss_weighting == "conversation":
         train = [with_conversation_weights(row) for row in train]
+    elif cfg.loss_weighting == "task":
+        if all(row["task"] is None for row in train):
+            raise UserError(f"--loss_weighting task: the train rows of {where} have no 'task' column: add one "
+                            "(data_process's demo writes it) or use --loss_weighting token or conversation")
+        train = with_task_weights(train, [row["task"] for row in train])
+    train = [{k: v for k, v in row.items() if k != "task"} for row in train]
     if cfg.packing:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         train = pack_rows([train[i] for i in order], cfg.max_seq_len)

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from data_process.main import main as data_main
 from step0_tokenizer.main import main as step0_main
 from step1_pretrain_sft.main import main as step1_main
+from step1_pretrain_sft.score_tasks import main as score_tasks_main
 from step2_reward_model.main import main as step2_main
 from step2_reward_model.rw_eval import main as rw_eval_main
 from step3_rlhf_ppo.dpo import main as dpo_main
@@ -81,7 +82,13 @@ def test_pretraining_learns_and_exports(chain):
 
 def test_sft_scores_tasks_and_chats(chain):
     evals = read_metrics(chain / "step1_sft", "eval")
-    assert {"loss", "sentiment_acc", "segmentation_f1", "ner_f1"} <= set(evals[-1])
+    assert {"loss", "sentiment_acc", "sentiment_auc", "segmentation_f1", "ner_f1"} <= set(evals[-1])
+    # score_tasks.py on the export reproduces the final evaluation of the training run
+    scores = score_tasks_main(["--model", str(chain / "step1_sft" / "final"), "--eval_task_dir",
+                               str(chain / "data" / "eval"), "--samples", "4", "--max_new_tokens", "16",
+                               "--batch_size", "8"])
+    for key in ("sentiment_acc", "sentiment_pos_rate", "sentiment_auc", "segmentation_f1", "ner_f1"):
+        assert scores[key] == pytest.approx(evals[-1][key], abs=1e-9, nan_ok=True), key
     train = read_metrics(chain / "step1_sft", "train")
     assert train[-1]["loss"] < train[0]["loss"]
     final = chain / "step1_sft" / "final"

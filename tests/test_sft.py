@@ -14,7 +14,14 @@ from helpers import REPO, clean_env
 from safetensors.torch import load_file
 
 from step1_pretrain_sft.main import main as step1_main
-from utils.chat import PackedCollator, PaddedCollator, pack_rows, render_chat, with_conversation_weights
+from utils.chat import (
+    PackedCollator,
+    PaddedCollator,
+    pack_rows,
+    render_chat,
+    with_conversation_weights,
+    with_task_weights,
+)
 from utils.lm import CausalLMTask
 from utils.log import read_metrics
 from utils.losses import next_token_loss_sum
@@ -100,12 +107,43 @@ def test_conversation_weighting_averages_per_conversation(chat_tokenizer):
     task = CausalLMTask([], None, 1, 0)
     for batch in (PackedCollator(chat_tokenizer.pad_token_id)(pack_rows(rows, 10_000)),
                   PaddedCollator(chat_tokenizer.pad_token_id)(rows)):
-        assert task.units(batch) == len(CONVERSATIONS)
+        assert task.units(batch) == pytest.approx(len(CONVERSATIONS))
         with torch.no_grad():
             assert task.loss(model, batch).loss_sum.item() == pytest.approx(expected, rel=1e-5)
     # without weights the same rows give the token-weighted sum, a different number
     plain = PaddedCollator(chat_tokenizer.pad_token_id)([render_chat(chat_tokenizer, c) for c in CONVERSATIONS])
     assert task.units(plain) == sum(len([t for t in r["labels"][1:] if t != -100]) for r in rows)
+
+
+def test_task_weighting_gives_each_task_its_conversation_share(chat_tokenizer):
+    """--loss_weighting task: a task's weights sum to its number of conversations, every token of a task
+    weighs the same, and the loss is the sum over tasks of (conversations / tokens) x the task's token
+    loss sum, packed or padded."""
+    from utils.model import create_causal_lm
+
+    tasks = ["a", "a", "b", "a"]
+    plain = [render_chat(chat_tokenizer, c) for c in CONVERSATIONS]
+    rows = with_task_weights(plain, tasks)
+    scored = [[j for j in range(1, len(r["labels"])) if r["labels"][j] != -100] for r in rows]
+    for name, conversations in (("a", 3), ("b", 1)):
+        mine = [i for i, t in enumerate(tasks) if t == name]
+        assert sum(sum(rows[i]["loss_weights"]) for i in mine) == pytest.approx(conversations)
+        assert len({rows[i]["loss_weights"][j] for i in mine for j in scored[i]}) == 1
+    assert all([j for j, w in enumerate(r["loss_weights"]) if w] == s for r, s in zip(rows, scored, strict=True))
+    model = create_causal_lm("nano", len(chat_tokenizer), 256, seed=0).eval()
+    sums, tokens = {"a": 0.0, "b": 0.0}, {"a": 0, "b": 0}
+    with torch.no_grad():
+        for r, t in zip(plain, tasks, strict=True):
+            labels = torch.tensor([r["labels"]])
+            sums[t] += next_token_loss_sum(model(input_ids=torch.tensor([r["input_ids"]])).logits, labels).item()
+            tokens[t] += int((labels[:, 1:] != -100).sum())
+    expected = 3 / tokens["a"] * sums["a"] + 1 / tokens["b"] * sums["b"]
+    task = CausalLMTask([], None, 1, 0)
+    for batch in (PackedCollator(chat_tokenizer.pad_token_id)(pack_rows(rows, 10_000)),
+                  PaddedCollator(chat_tokenizer.pad_token_id)(rows)):
+        assert task.units(batch) == pytest.approx(len(CONVERSATIONS))
+        with torch.no_grad():
+            assert task.loss(model, batch).loss_sum.item() == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.fixture(scope="module")

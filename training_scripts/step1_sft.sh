@@ -3,8 +3,8 @@
 #   bash training_scripts/step1_sft.sh [OUTPUT] [ZERO_STAGE]
 # Reads OUTPUT/step1_pretrain/final, OUTPUT/data/sft and OUTPUT/data/eval; writes OUTPUT/step1_sft.
 # Knobs: EPOCHS, MAX_SEQ_LEN, BATCH, LR, LORA_DIM (0 = full fine-tuning), PACKING (1 = several
-# conversations per row, the default; 0 = one per row, right-padded), LOSS_WEIGHTING (token or
-# conversation), DTYPE, FAST=1,
+# conversations per row, the default; 0 = one per row, right-padded), LOSS_WEIGHTING (token, conversation
+# or task), DTYPE, FAST=1,
 # NUM_GPUS, HOSTFILE, FORCE=1 (see common.sh).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 OUTPUT="${1:-$OUTPUT}"

@@ -11,11 +11,12 @@ Batch layouts (collators below):
           at 0 for every conversation and no attention_mask: transformers then builds a block-diagonal
           causal mask, so no token attends across conversations.
 Both add loss_weights (B, T) float, 0 on pads, when the rows carry per-token weights
-(`with_conversation_weights`).
+(`with_conversation_weights`, `with_task_weights`).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,14 +70,36 @@ def render_chat(tokenizer, messages: list[dict[str, str]], max_len: int | None =
     return {"input_ids": ids, "labels": labels}
 
 
+def _scored(row: dict[str, list]) -> list[int]:
+    """Label positions scored by next-token loss (index >= 1, label not -100)."""
+    return [j for j in range(1, len(row["labels"])) if row["labels"][j] != IGNORE_INDEX]
+
+
+def _weighted(row: dict[str, list], scored: list[int], weight: float) -> dict[str, list]:
+    weights = [0.0] * len(row["labels"])
+    for j in scored:
+        weights[j] = weight
+    return {**row, "loss_weights": weights}
+
+
 def with_conversation_weights(row: dict[str, list]) -> dict[str, list]:
     """`row` plus loss_weights: 1/n on each of its n label positions (those scored by next-token loss, index
     >= 1), so that every conversation weighs the same in the loss whatever the length of its replies."""
-    scored = [j for j in range(1, len(row["labels"])) if row["labels"][j] != IGNORE_INDEX]
-    weights = [0.0] * len(row["labels"])
-    for j in scored:
-        weights[j] = 1.0 / len(scored)
-    return {**row, "loss_weights": weights}
+    scored = _scored(row)
+    return _weighted(row, scored, 1.0 / len(scored))
+
+
+def with_task_weights(rows: Sequence[dict[str, list]], tasks: Sequence[Any]) -> list[dict[str, list]]:
+    """`rows` plus loss_weights that give each task (tasks[i] is row i's) the share of the loss its share of
+    the conversations is, spread evenly over that task's label tokens: a task of 2-token answers weighs as
+    many conversations as it has, and within a task every token weighs the same (as with token weighting).
+    The weights of a task's rows sum to its number of conversations."""
+    scored = [_scored(row) for row in rows]
+    conversations, tokens = Counter(tasks), Counter()
+    for positions, task in zip(scored, tasks, strict=True):
+        tokens[task] += len(positions)
+    return [_weighted(row, positions, conversations[task] / tokens[task])
+            for row, positions, task in zip(rows, scored, tasks, strict=True)]
 
 
 def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:

@@ -108,6 +108,23 @@ def sample_tokens(model, ids: torch.Tensor, mask: torch.Tensor, sampling: Sampli
     return out[:, ids.shape[1]:]
 
 
+@torch.no_grad()
+def first_token_margins(model, tokenizer, prompts: Sequence[list[int]], answers: tuple[str, str],
+                        batch_size: int = 16) -> list[float]:
+    """log p(a) - log p(b) for the first tokens a, b of the two `answers`, at the position that starts the
+    reply to each prompt: how strongly the model leans to the first answer, before any sampling."""
+    a, b = (tokenizer(text, add_special_tokens=False)["input_ids"][0] for text in answers)
+    device = next(model.parameters()).device
+    margins: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = left_pad(prompts[start:start + batch_size], tokenizer.pad_token_id, device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count positions from each row's start
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        logp = logits[:, -1].float().log_softmax(-1)
+        margins += (logp[:, a] - logp[:, b]).tolist()
+    return margins
+
+
 def generate_ids(model, tokenizer, prompts: Sequence[list[int]], sampling: SamplingConfig,
                  synced_gpus: bool = False, streamer=None) -> list[list[int]]:
     """New token ids for each prompt (stop token and padding removed)."""

@@ -16,8 +16,9 @@ from utils.trainer import LossOutput
 
 
 class CausalLMTask:
-    """Loss units are label tokens, or conversations when batches carry loss_weights (each conversation's
-    tokens weigh 1/n, utils.chat.with_conversation_weights); `eval_dataset` rows are scored on every eval,
+    """Loss units are label tokens, or the sum of the loss_weights when batches carry them (conversations:
+    each conversation's tokens weigh 1/n, utils.chat.with_conversation_weights; or the task weights of
+    utils.chat.with_task_weights); `eval_dataset` rows are scored on every eval,
     always per token, so held-out losses compare across weightings.
 
     `chars_per_token` (characters of text per token in the held-out set) turns the loss in nats/token
@@ -30,9 +31,9 @@ class CausalLMTask:
         self.eval_batch_size, self.eval_batches = eval_batch_size, eval_batches
         self.chars_per_token = chars_per_token
 
-    def units(self, batch: dict[str, torch.Tensor]) -> int:
+    def units(self, batch: dict[str, torch.Tensor]) -> float:
         if "loss_weights" in batch:
-            return round(batch["loss_weights"][:, 1:].sum().item())
+            return batch["loss_weights"][:, 1:].sum().item()
         return count_label_tokens(batch["labels"])
 
     def tokens(self, batch: dict[str, torch.Tensor]) -> int:

@@ -1,7 +1,9 @@
 """Scorers of the verifiable demo tasks (answers defined in shared DEMO_DATA.md) and the held-out task
 evaluation by greedy generation.
 
-- sentiment: exact match of the stripped answer with 正面 / 负面
+- sentiment: exact match of the stripped answer with 正面 / 负面, the share of 正面 answers, and the ROC AUC of
+  the model's margin log p(正) - log p(负) at the answer's first token (does the model separate the
+  classes at all, whatever its bias?)
 - segmentation: word-span F1 (spans over the characters, spaces removed), micro-averaged over sentences
 - ner: micro F1 over distinct (type, text) pairs parsed from "人名：…；地名：…；机构名：…", also per type
 """
@@ -53,9 +55,24 @@ def _f1(tp: int, n_pred: int, n_gold: int) -> float:
     return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 
+SENTIMENT_LABELS = ("正面", "负面")
+
+
 def score_sentiment(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
     correct = sum(p.strip() == r.strip() for p, r in zip(preds, refs, strict=True))
-    return {"sentiment_acc": correct / max(len(refs), 1)}
+    positive = sum(p.strip() == SENTIMENT_LABELS[0] for p in preds)
+    return {"sentiment_acc": correct / max(len(refs), 1), "sentiment_pos_rate": positive / max(len(preds), 1)}
+
+
+def roc_auc(scores: Sequence[float], positive: Sequence[bool]) -> float:
+    """Probability that a random positive scores above a random negative (ties count one half): the
+    Mann-Whitney U statistic over the product of the class sizes. NaN when a class is empty."""
+    pos = [s for s, y in zip(scores, positive, strict=True) if y]
+    neg = [s for s, y in zip(scores, positive, strict=True) if not y]
+    if not pos or not neg:
+        return float("nan")
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
 
 
 def score_segmentation(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
@@ -120,12 +137,14 @@ def load_task_evals(eval_dir: str | Path, limit: int) -> dict[str, list[dict[str
 
 def evaluate_tasks(model, tokenizer, sets: dict[str, list[dict[str, Any]]], batch_size: int,
                    max_new_tokens: int) -> dict[str, float]:
-    """Greedy answers to every held-out task prompt, scored. Ranks split the prompts (equal batch
-    counts, so ZeRO-3's collective weight gathers stay in step) and share their answers."""
+    """Greedy answers to every held-out task prompt, scored (for sentiment also the AUC of the first-token
+    margin, utils.generation.first_token_margins). Ranks split the prompts (equal batch counts, so ZeRO-3's
+    collective weight gathers stay in step) and share their answers."""
     import torch
 
+    from utils.chat import prompt_ids
     from utils.dist import get_rank, get_world_size
-    from utils.generation import SamplingConfig, generate_replies
+    from utils.generation import SamplingConfig, first_token_margins, generate_replies
 
     world, rank = get_world_size(), get_rank()
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
@@ -135,13 +154,23 @@ def evaluate_tasks(model, tokenizer, sets: dict[str, list[dict[str, Any]]], batc
         per_rank = -(-len(rows) // world)
         padded = mine + rows[:1] * (per_rank - len(mine))  # stand-ins, dropped below
         convs = [[{"role": "user", "content": r["prompt"]}] for r in padded]
-        replies = generate_replies(model, tokenizer, convs, sampling, batch_size, synced_gpus=world > 1)[:len(mine)]
+        answers: list[Any] = generate_replies(model, tokenizer, convs, sampling, batch_size,
+                                              synced_gpus=world > 1)
+        if task == "t1_sentiment":
+            margins = first_token_margins(model, tokenizer, [prompt_ids(tokenizer, c) for c in convs],
+                                          SENTIMENT_LABELS, batch_size)
+            answers = list(zip(answers, margins, strict=True))
+        answers = answers[:len(mine)]
         if world > 1:
             gathered: list[Any] = [None] * world
-            torch.distributed.all_gather_object(gathered, replies)
+            torch.distributed.all_gather_object(gathered, answers)
             ordered = [None] * len(rows)
             for r, part in enumerate(gathered):
                 ordered[r::world] = part
-            replies = ordered
-        results.update(SCORERS[task](replies, [r["reference"] for r in rows]))
+            answers = ordered
+        refs = [r["reference"] for r in rows]
+        if task == "t1_sentiment":
+            answers, margins = zip(*answers, strict=True)
+            results["sentiment_auc"] = roc_auc(margins, [ref.strip() == SENTIMENT_LABELS[0] for ref in refs])
+        results.update(SCORERS[task](answers, refs))
     return results

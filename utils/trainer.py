@@ -44,8 +44,9 @@ class LossOutput:
 class TrainTask(Protocol):
     """The part of training that differs between steps."""
 
-    def units(self, batch: dict[str, torch.Tensor]) -> int:
-        """Number of loss units in the micro-batch (label tokens for LM losses, pairs for the RM)."""
+    def units(self, batch: dict[str, torch.Tensor]) -> float:
+        """Number of loss units in the micro-batch (label tokens for LM losses, pairs for the RM; the sum
+        of the loss weights when an LM batch carries them)."""
 
     def tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """Tokens processed (for tokens/s and MFU)."""
