@@ -8,7 +8,9 @@ Launch (from the repo root or from inside step3_rlhf_ppo/ as `dpo.py`):
 
 Each pair is rendered as two ChatML conversations (user: prompt, assistant: chosen / rejected); the policy
 scores both in one forward and sums log-probs over the reply tokens only (prompt, template and padding
-masked, utils.chat). --loss_type picks DPO (beta), cDPO (--label_smoothing), IPO or SimPO (--simpo_gamma,
+masked, utils.chat). By default (--share_prompt) the pair is one row, prompt + chosen + rejected, with
+position ids and a block mask that give each reply exactly the logits of its own conversation, so the
+prompt is computed once (SharedPromptCollator); --share_prompt false uses two padded rows per pair. --loss_type picks DPO (beta), cDPO (--label_smoothing), IPO or SimPO (--simpo_gamma,
 reference-free, length-normalised); the equations are in utils.losses. The reference is the SFT model:
 with --precompute_ref_logps (default) its log-probs are computed once before training and stored in
 OUTPUT/ref_logps.safetensors (reused on resume); otherwise a frozen reference engine scores every batch
@@ -29,6 +31,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+import torch.nn.functional as F
 
 from utils.chat import PaddedCollator, render_chat
 from utils.config import TrainConfig, option, require
@@ -58,6 +61,8 @@ class DPOConfig(TrainConfig):
     label_smoothing: float = option(0.1, "cDPO: probability that a preference label is flipped.")
     simpo_gamma: float = option(0.5, "SimPO: target reward margin gamma.")
     precompute_ref_logps: bool = option(True, "Score the reference once before training instead of every batch.")
+    share_prompt: bool = option(True, "Score each pair in one row (prompt once, then both replies, a mask "
+                                "keeping the replies apart) instead of two rows that both hold the prompt.")
     offload_reference_model: bool = option(False, "Keep the frozen reference engine's weights in CPU memory (ZeRO-3).")
 
     def validate(self) -> None:
@@ -97,17 +102,104 @@ class DPOCollator:
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = PaddedCollator(self.pad_token_id)([r["chosen"] for r in rows] + [r["rejected"] for r in rows])
-        if "ref_chosen" in rows[0]:
-            batch["ref_chosen"] = torch.tensor([r["ref_chosen"] for r in rows], dtype=torch.float64)
-            batch["ref_rejected"] = torch.tensor([r["ref_rejected"] for r in rows], dtype=torch.float64)
-        return batch
+        return _with_reference(batch, rows)
+
+
+def _with_reference(batch: dict[str, torch.Tensor], rows: list[dict]) -> dict[str, torch.Tensor]:
+    if "ref_chosen" in rows[0]:
+        batch["ref_chosen"] = torch.tensor([r["ref_chosen"] for r in rows], dtype=torch.float64)
+        batch["ref_rejected"] = torch.tensor([r["ref_rejected"] for r in rows], dtype=torch.float64)
+    return batch
+
+
+def shared_prefix(chosen: dict, rejected: dict) -> int:
+    """Length of the common start of both rows that carries no label: the prompt and assistant header."""
+    n = 0
+    for a, b, la, lb in zip(chosen["input_ids"], rejected["input_ids"], chosen["labels"], rejected["labels"],
+                              strict=False):  # stops at the shorter row
+        if a != b or la != IGNORE_INDEX or lb != IGNORE_INDEX:
+            break
+        n += 1
+    return n
+
+
+class SharedPromptCollator:
+    """Batch layout with the prompt computed once per pair: row p is prompt + chosen reply + rejected reply
+    (right-padded to T). position_ids restart the rejected reply at the prompt's end; attention_mask is a
+    (P, 1, T, T) boolean mask (True = may attend) in which reply tokens see the prompt and their own reply
+    only, so each reply's logits equal those of its own conversation. score_from / score_labels (P, 2, S):
+    the position whose logits predict each reply token of the chosen (0) and rejected (1) side, and that
+    token (-100 on padding); the first rejected token is predicted from the prompt's last position.
+    token_mask (P, T) marks real tokens."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        seqs, positions, segments, sources, targets = [], [], [], [], []
+        for row in rows:
+            chosen, rejected = row["chosen"], row["rejected"]
+            n = shared_prefix(chosen, rejected)  # 0 when the cuts of a too-long prompt differ: then nothing shared
+            nc, nr = len(chosen["input_ids"]), len(rejected["input_ids"])
+            seqs.append(chosen["input_ids"] + rejected["input_ids"][n:])
+            positions.append(list(range(nc)) + list(range(n, nr)))
+            segments.append([0] * n + [1] * (nc - n) + [2] * (nr - n))
+            # token k of a side is predicted from the position holding its predecessor
+            at = {k: k for k in range(nc)}, {k: (k if k < n else nc + k - n) for k in range(nr)}
+            side_sources, side_targets = [], []
+            for part, where in ((chosen, at[0]), (rejected, at[1])):
+                keep = [k for k in range(1, len(part["labels"])) if part["labels"][k] != IGNORE_INDEX]
+                side_sources.append([where[k - 1] for k in keep])
+                side_targets.append([part["labels"][k] for k in keep])
+            sources.append(side_sources)
+            targets.append(side_targets)
+        width = max(len(s) for s in seqs)
+        scored = max(len(t) for pair in targets for t in pair)
+        batch = len(rows)
+        ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
+        pos = torch.zeros((batch, width), dtype=torch.long)
+        seg = torch.full((batch, width), -1, dtype=torch.long)  # -1: padding
+        score_from = torch.zeros((batch, 2, scored), dtype=torch.long)
+        score_labels = torch.full((batch, 2, scored), IGNORE_INDEX, dtype=torch.long)
+        for b in range(batch):
+            ids[b, :len(seqs[b])] = torch.tensor(seqs[b])
+            pos[b, :len(seqs[b])] = torch.tensor(positions[b])
+            seg[b, :len(seqs[b])] = torch.tensor(segments[b])
+            for side in range(2):
+                k = len(targets[b][side])
+                score_from[b, side, :k] = torch.tensor(sources[b][side], dtype=torch.long)
+                score_labels[b, side, :k] = torch.tensor(targets[b][side], dtype=torch.long)
+        q, kv = seg[:, :, None], seg[:, None, :]  # (P, T, 1) query, (P, 1, T) key segments
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        mask = causal & (kv >= 0) & ((kv == 0) | (kv == q))
+        mask |= torch.eye(width, dtype=torch.bool)  # padding queries see themselves: no empty softmax row
+        return _with_reference({"input_ids": ids, "position_ids": pos, "attention_mask": mask[:, None],
+                                "score_from": score_from, "score_labels": score_labels, "token_mask": seg >= 0},
+                               rows)
 
 
 def policy_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(chosen logps, rejected logps, chosen lengths, rejected lengths), each (P,), from one forward.
 
-    Only positions from the first one that predicts a reply token in any row get logits (transformers'
-    logits_to_keep): the LM head and the softmax skip the common prompt part."""
+    Two-row layout (DPOCollator): only positions from the first one that predicts a reply token in any row
+    get logits (transformers' logits_to_keep): the LM head and the softmax skip the common prompt part.
+    Shared-prompt layout (SharedPromptCollator): the logits at score_from score score_labels (again from the
+    first scored position on)."""
+    if "score_from" in batch:
+        pairs, _, scored = batch["score_from"].shape
+        labels = batch["score_labels"].view(pairs, 2 * scored)
+        real = labels != IGNORE_INDEX
+        width = batch["input_ids"].shape[1]
+        first = int(batch["score_from"].view(pairs, -1)[real].min()) if real.any() else width - 1
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], use_cache=False,
+                       logits_to_keep=width - first).logits  # (P, T - first, V): positions first .. T-1
+        where = (batch["score_from"].view(pairs, 2 * scored) - first).clamp(min=0)  # padding entries: any index
+        picked = logits.gather(1, where[:, :, None].expand(-1, -1, logits.shape[-1]))
+        token_logps = -F.cross_entropy(picked.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                       reduction="none").view(pairs, 2, scored)
+        logps, lengths = token_logps.sum(-1), (batch["score_labels"] != IGNORE_INDEX).sum(-1)
+        return logps[:, 0], logps[:, 1], lengths[:, 0], lengths[:, 1]
     labels = batch["labels"]
     scored = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
     first = int(scored[0]) if len(scored) else labels.shape[1] - 1
@@ -119,7 +211,7 @@ def policy_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
-def reference_logps(model, rows: list[dict], collate: DPOCollator, batch_size: int) -> torch.Tensor:
+def reference_logps(model, rows: list[dict], collate: DPOCollator | SharedPromptCollator, batch_size: int) -> torch.Tensor:
     """(N, 2) reference log-probs (chosen, rejected) of every row; ranks split the rows and share results."""
     world, rank = get_world_size(), get_rank()
     mine = list(range(rank, len(rows), world))
@@ -138,14 +230,14 @@ def reference_logps(model, rows: list[dict], collate: DPOCollator, batch_size: i
 class DPOTask:
     """Loss units are pairs; the same metrics on train batches and on each held-out set."""
 
-    def __init__(self, cfg: DPOConfig, eval_sets: dict[str, list], collate: DPOCollator, reference=None):
+    def __init__(self, cfg: DPOConfig, eval_sets: dict[str, list], collate: DPOCollator | SharedPromptCollator, reference=None):
         self.cfg, self.eval_sets, self.collate, self.reference = cfg, eval_sets, collate, reference
 
     def units(self, batch) -> int:
-        return int(batch["input_ids"].shape[0] // 2)
+        return int(batch["score_from"].shape[0] if "score_from" in batch else batch["input_ids"].shape[0] // 2)
 
     def tokens(self, batch) -> int:
-        return int(batch["attention_mask"].sum().item())
+        return int(batch["token_mask" if "token_mask" in batch else "attention_mask"].sum().item())
 
     def _compute(self, model, batch):
         chosen, rejected, chosen_len, rejected_len = policy_logps(model, batch)
@@ -205,7 +297,7 @@ def warn_if_both_logps_fall(run_dir: Path) -> None:
 
 
 def attach_reference(cfg: DPOConfig, run_dir: Path, train: list[dict], evals: dict[str, list],
-                     collate: DPOCollator, precision):
+                     collate: DPOCollator | SharedPromptCollator, precision):
     """Precomputed reference log-probs written into the rows (returns None), or a frozen reference engine."""
     if cfg.loss_type == "simpo":
         return None
@@ -256,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.eval_pairs:
         evals["eval"] = encode_dpo_pairs(tokenizer, load_pairs(cfg.eval_pairs, "train"), cfg, f"--eval_pairs {cfg.eval_pairs}")
     evals = {name: rows for name, rows in evals.items() if rows}
-    collate = DPOCollator(tokenizer.pad_token_id)
+    collate = (SharedPromptCollator if cfg.share_prompt else DPOCollator)(tokenizer.pad_token_id)
     reference = attach_reference(cfg, run_dir, train, evals, collate, precision)
     model = prepare_model(load_causal_lm(cfg.model_name_or_path), cfg, tokenizer)
     summary = train_and_export(cfg, run_dir, model, tokenizer, train, collate, DPOTask(cfg, evals, collate, reference),

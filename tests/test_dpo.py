@@ -9,7 +9,14 @@ import pytest
 import torch
 from helpers import PAIRS
 
-from step3_rlhf_ppo.dpo import DPOCollator, DPOConfig, DPOTask, encode_pair
+from step3_rlhf_ppo.dpo import (
+    DPOCollator,
+    DPOConfig,
+    DPOTask,
+    SharedPromptCollator,
+    encode_pair,
+    policy_logps,
+)
 from step3_rlhf_ppo.dpo import main as dpo_main
 from utils.config import parse_config
 from utils.log import read_metrics
@@ -64,7 +71,6 @@ def test_prompt_tokens_are_masked_and_logps_sum_the_reply(chat_tokenizer):
 def test_policy_logps_from_the_kept_logits_equal_the_full_forward(chat_tokenizer):
     """policy_logps computes logits only from the first position that predicts a reply token; the log-probs
     equal those of the full logits (prompts of different lengths, right padding)."""
-    from step3_rlhf_ppo.dpo import policy_logps
     from utils.model import create_causal_lm
 
     model = create_causal_lm("nano", len(chat_tokenizer), 256, seed=0).eval()
@@ -77,6 +83,33 @@ def test_policy_logps_from_the_kept_logits_equal_the_full_forward(chat_tokenizer
     assert torch.cat([n_chosen, n_rejected]).tolist() == lengths.tolist()
     first_label = (batch["labels"] != -100).float().argmax(1).min().item()
     assert first_label > 5  # the prompt part really is skipped
+
+
+@pytest.mark.parametrize("cut", [None, 20])
+def test_shared_prompt_layout_gives_the_two_row_logps_and_gradients(chat_tokenizer, cut):
+    """One row per pair (prompt once, both replies kept apart by the mask) scores every reply exactly as
+    its own conversation does, gradients included; with prompts cut to 20 tokens the two sides no longer
+    share a start, and the layout still holds."""
+    from utils.model import create_causal_lm
+
+    model = create_causal_lm("nano", len(chat_tokenizer), 256, seed=0)
+    rows = [encode_pair(chat_tokenizer, Pair(*p[:3]), cut) for p in PAIRS]
+    grads = []
+    results = []
+    for collate in (DPOCollator(chat_tokenizer.pad_token_id), SharedPromptCollator(chat_tokenizer.pad_token_id)):
+        model.zero_grad()
+        chosen, rejected, n_chosen, n_rejected = policy_logps(model, collate(rows))
+        (chosen.sum() - 2 * rejected.sum()).backward()
+        results.append((chosen.detach(), rejected.detach(), n_chosen, n_rejected))
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    (c2, r2, nc2, nr2), (c1, r1, nc1, nr1) = results
+    assert torch.allclose(c1, c2, atol=1e-4) and torch.allclose(r1, r2, atol=1e-4)
+    assert nc1.tolist() == nc2.tolist() and nr1.tolist() == nr2.tolist()
+    assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+    shared = SharedPromptCollator(chat_tokenizer.pad_token_id)(rows)
+    two = DPOCollator(chat_tokenizer.pad_token_id)(rows)
+    saved = two["attention_mask"].sum() - shared["token_mask"].sum()
+    assert (saved > 0) if cut is None else (saved >= 0)
 
 
 def test_at_init_loss_is_log2_and_rewards_zero(chat_tokenizer):
@@ -130,6 +163,14 @@ def test_nano_policy_reaches_accuracy_1(dist, dpo_inputs, tmp_path, loss_type):
     if loss_type == "dpo":
         assert evals[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
         assert (tmp_path / "ref_logps.safetensors").is_file()
+
+
+def test_shared_prompt_training_equals_two_row_training(dist, dpo_inputs, tmp_path):
+    dpo(tmp_path / "shared", *dpo_inputs, "--max_steps", "5")
+    dpo(tmp_path / "two_rows", *dpo_inputs, "--max_steps", "5", "--share_prompt", "false")
+    la, lb = read_metrics(tmp_path / "shared", "train"), read_metrics(tmp_path / "two_rows", "train")
+    assert len(la) == 5 and max(abs(x["loss"] - y["loss"]) for x, y in zip(la, lb, strict=True)) < 1e-5
+    assert max(abs(x["margin"] - y["margin"]) for x, y in zip(la, lb, strict=True)) < 1e-5
 
 
 def test_precomputed_reference_equals_frozen_engine(dist, dpo_inputs, tmp_path):
