@@ -10,7 +10,9 @@ Allocation (counts at --demo_scale 1; every count is scaled):
   eval        P1 50 pairs/category, T1 150+150, T4 50/category, T5 100+100, T6 100+100, PPO 50 of each
               T5/T6 polarity; 300 paragraphs -> T2, T3 and their P2 pairs
   preference  P1 600 length-matched pairs/category (+ T1 flips of 300 of them); 2000 paragraphs -> P2
-  sft         T1 1000+1000, T4 500/category, T5 750+750, T6 500+500; 4000 paragraphs -> T2 3000, T3 3000
+  sft         T1 1000+1000, T4 500/category, T5 750+750, T6 500+500, plus T1 on the T4-T6 reviews
+              themselves (length-matched couples, same split); 4000 paragraphs -> T2 6000 (up to 2
+              sentences per paragraph), T3 3000
   prompts     T5 300+300 topics, T6 300+300 prefixes
   pretrain    every remaining unit (with --pretrain_task_text also the SFT and preference train units)
 Paragraph sentences that occur in more than one paragraph (or in a reserved one) are never task items.
@@ -216,17 +218,29 @@ class DemoBuilder:
         for couple in self.match_lengths(pos.take(self.n(counts["t1"])), pos, neg):
             for r in couple:
                 self.task("t1_sentiment", T1.format(review=r.text), LABELS[r.label], r.text, to_eval)
+        written: list[Review] = []
         for cat in CATEGORIES:
             for r in pos.take(self.n(counts["t4"]), lambda u, c=cat: u.cat == c):
                 prompt = review_prompt(T4, specific_topic(r.text, r.cat), self.rng(r.text))
                 self.task("t4_positive_review", prompt, r.text, r.text, to_eval)
+                written.append(r)
         for pool in (pos, neg):
             for r in pool.take(self.n(counts["t5"]), lambda u: u.cat is not None):
                 prompt = review_prompt(T5, specific_topic(r.text, r.cat), self.rng(r.text))
                 self.task("t5_review", prompt, r.text, r.text, to_eval)
+                written.append(r)
             for r in pool.take(self.n(counts["t6"]), lambda u: continuation(u.text, self.rng(u.text))):
                 prompt, rest = continuation(r.text, self.rng(r.text))
                 self.task("t6_continue", prompt, rest, r.text, to_eval)
+                written.append(r)
+        if counts.get("t1_reuse"):
+            # the reviews the writing tasks used, classified too (same split, so nothing crosses splits):
+            # more T1 data without taking reviews from pretraining; length-matched couples as above
+            mine_pos = Pool([r for r in written if r.label == "pos"])
+            mine_neg = Pool([r for r in written if r.label == "neg"])
+            for couple in self.match_lengths(mine_pos.take(len(mine_pos.units)), mine_pos, mine_neg):
+                for r in couple:
+                    self.task("t1_sentiment", T1.format(review=r.text), LABELS[r.label], r.text, to_eval)
 
     @staticmethod
     def match_lengths(picked: list[Review], source: Pool, pool: Pool, pred=lambda u: True) -> list[tuple[Review, Review]]:
@@ -284,8 +298,10 @@ class DemoBuilder:
             self.writers["prompts"].add("train", {"prompt": prompt})
 
     # -- People's Daily ---------------------------------------------------------------------------------
-    def paragraph_tasks(self, paragraphs: list[Paragraph], t2: int, t3: int, to_eval: bool) -> None:
-        """T2 and T3 examples from the paragraphs' sentences (T3 prefers sentences with entities)."""
+    def paragraph_tasks(self, paragraphs: list[Paragraph], t2: int, t3: int, to_eval: bool,
+                        t2_per_paragraph: int = 1) -> None:
+        """T2 and T3 examples from the paragraphs' sentences (T3 prefers sentences with entities; T2 takes up
+        to `t2_per_paragraph` of the other sentences, or the T3 one when there is no other)."""
         n2, n3 = self.n(t2), self.n(t3)
         for p in paragraphs:
             with_entities = [s for s in p.sentences if s.entities()]
@@ -293,8 +309,8 @@ class DemoBuilder:
             if n3 > 0:
                 self.task("t3_ner", *t3_example(ner), p.text, to_eval)
                 n3 -= 1
-            seg = next((s for s in p.sentences if s is not ner), ner)  # one sentence may serve both tasks
-            if n2 > 0:
+            others = [s for s in p.sentences if s is not ner] or [ner]  # one sentence may serve both tasks
+            for seg in others[:min(t2_per_paragraph, n2)]:
                 self.task("t2_segmentation", *t2_example(seg), p.text, to_eval)
                 n2 -= 1
 
@@ -315,7 +331,7 @@ class DemoBuilder:
         pos = Pool([r for r in reviews if r.label == "pos"])
         neg = Pool([r for r in reviews if r.label == "neg"])
         eval_counts = {"t1": 150, "t4": 50, "t5": 100, "t6": 100}
-        sft_counts = {"t1": 1000, "t4": 500, "t5": 750, "t6": 500}
+        sft_counts = {"t1": 1000, "t4": 500, "t5": 750, "t6": 500, "t1_reuse": 1}
         # category-matched negatives are scarce (book: ~1.1k), so the pairs draw right after eval
         self.review_pairs(pos, neg, 50, 0, True)
         self.review_tasks(pos, neg, True, eval_counts)
@@ -328,7 +344,7 @@ class DemoBuilder:
         eval_paras = paras.take(self.n(300), lambda p: bool(p.sentences))
         self.paragraph_tasks(eval_paras, 300, 300, True)
         self.paragraph_pairs(eval_paras, True)
-        self.paragraph_tasks(paras.take(self.n(4000), lambda p: bool(p.sentences)), 3000, 3000, False)
+        self.paragraph_tasks(paras.take(self.n(4000), lambda p: bool(p.sentences)), 6000, 3000, False, 2)
         self.paragraph_pairs(paras.take(self.n(2000), lambda p: bool(p.sentences)), False)
 
         rest = [u.text for u in pos.units + neg.units + paras.units]

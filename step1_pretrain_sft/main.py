@@ -62,7 +62,8 @@ class Step1Config(TrainConfig):
                                  "conversations (each conversation's reply tokens share one unit, so a "
                                  "2-token answer weighs as much as a 100-token one); or by task (each "
                                  "task, from the data's 'task' column, weighs as many units as it has "
-                                 "conversations, spread evenly over its reply tokens).",
+                                 "conversations, spread evenly over its reply tokens; rows without a task "
+                                 "form one task).",
                                  choices=("token", "conversation", "task"))
     eval_task_dir: str = option("", "SFT: dir of held-out task files (<task>.jsonl) scored by generation.")
     eval_task_samples: int = option(100, "SFT: prompts per held-out task scored at each evaluation.")
@@ -154,8 +155,8 @@ def sft_data(cfg: Step1Config, tokenizer):
         train = [with_conversation_weights(row) for row in train]
     elif cfg.loss_weighting == "task":
         if all(row["task"] is None for row in train):
-            raise UserError(f"--loss_weighting task: the train rows of {where} have no 'task' column: add one "
-                            "(data_process's demo writes it) or use --loss_weighting token or conversation")
+            log.warning("--loss_weighting task: the train rows of %s name no 'task', so they form one task and "
+                        "the weighting equals token weighting", where)
         train = with_task_weights(train, [row["task"] for row in train])
     train = [{k: v for k, v in row.items() if k != "task"} for row in train]
     if cfg.packing:

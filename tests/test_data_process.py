@@ -384,6 +384,23 @@ def test_demo_sentiment_labels_do_not_follow_length(demo):
         assert 0.9 <= ratio <= 1.1, (name, ratio)
 
 
+def test_demo_sft_tasks_share_their_units_within_the_split(demo):
+    """T1 also classifies the reviews the writing tasks (T4, T5) answer with, and T2 takes up to two sentences
+    per paragraph: more SFT examples without taking text from pretraining, each unit in one split only."""
+    from collections import Counter
+
+    sft = load(demo, "sft")
+    t1, written, tasks = {}, {}, Counter()
+    for split in ("train", "validation"):
+        rows = list(sft[split])
+        tasks.update(r["task"] for r in rows)
+        t1[split] = {r["messages"][0]["content"].split("评论：", 1)[1] for r in rows if r["task"] == "t1_sentiment"}
+        written[split] = {r["messages"][1]["content"] for r in rows if r["task"] in ("t4_positive_review", "t5_review")}
+    assert len(t1["train"] & written["train"]) > 1000
+    assert not t1["train"] & written["validation"] and not t1["validation"] & written["train"]
+    assert tasks["t1_sentiment"] > 4000 and 5000 < tasks["t2_segmentation"] <= 6000 and tasks["t3_ner"] == 3000
+
+
 def test_demo_no_text_in_two_splits(demo):
     seen: dict[str, str] = {}
     clashes = []

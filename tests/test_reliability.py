@@ -138,8 +138,6 @@ def bad_cases(root: Path, tmp: Path) -> dict[str, tuple[str, list[str], str]]:
         "conversation weighting while pretraining": ("pretrain", ["--preset", "nano", "--data_path", str(tmp),
                                                                   "--loss_weighting", "conversation"],
                                                      "weighs SFT conversations"),
-        "task weighting without a task column": ("sft", [*sft, "--data_path", str(root / "sft.jsonl"),
-                                                         "--loss_weighting", "task"], "no 'task' column"),
         "max_seq_len beyond the model's positions": ("sft", [*sft, "--data_path", str(root / "sft.jsonl"),
                                                              "--max_seq_len", "1024"], "256 positions"),
         "generation batch not divisible into mini-batches": ("ppo", [*ppo, "--per_device_training_batch_size", "3"],

@@ -144,6 +144,13 @@ def test_task_weighting_gives_each_task_its_conversation_share(chat_tokenizer):
         assert task.units(batch) == pytest.approx(len(CONVERSATIONS))
         with torch.no_grad():
             assert task.loss(model, batch).loss_sum.item() == pytest.approx(expected, rel=1e-5)
+    # rows without a task form one task: the mean loss is the token-weighted one
+    one, plain_batch = (PaddedCollator(chat_tokenizer.pad_token_id)(r)
+                        for r in (with_task_weights(plain, [None] * len(plain)), plain))
+    with torch.no_grad():
+        mean_one = task.loss(model, one).loss_sum.item() / task.units(one)
+        mean_plain = task.loss(model, plain_batch).loss_sum.item() / task.units(plain_batch)
+    assert mean_one == pytest.approx(mean_plain, rel=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@
 #   bash training_scripts/step1_sft.sh [OUTPUT] [ZERO_STAGE]
 # Reads OUTPUT/step1_pretrain/final, OUTPUT/data/sft and OUTPUT/data/eval; writes OUTPUT/step1_sft.
 # Knobs: EPOCHS, MAX_SEQ_LEN, BATCH, LR, LORA_DIM (0 = full fine-tuning), PACKING (1 = several
-# conversations per row, the default; 0 = one per row, right-padded), LOSS_WEIGHTING (token, conversation
-# or task), DTYPE, FAST=1,
+# conversations per row, the default; 0 = one per row, right-padded), LOSS_WEIGHTING (task, the
+# default: each task weighs its share of the conversations; token; conversation), DTYPE, FAST=1,
 # NUM_GPUS, HOSTFILE, FORCE=1 (see common.sh).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 OUTPUT="${1:-$OUTPUT}"
@@ -22,7 +22,7 @@ launch "$REPO/step1_pretrain_sft/main.py" --stage sft \
     --num_warmup_steps 50 \
     --weight_decay 0.0 \
     --lora_dim "${LORA_DIM:-0}" \
-    --loss_weighting "${LOSS_WEIGHTING:-token}" \
+    --loss_weighting "${LOSS_WEIGHTING:-task}" \
     --zero_stage "$ZERO_STAGE" \
     --dtype "${DTYPE:-auto}" \
     --eval_batches 10 \
