@@ -211,8 +211,10 @@ class DemoBuilder:
             self.sft(task, prompt, answer, unit)
 
     # -- reviews ----------------------------------------------------------------------------------------
-    def review_tasks(self, pos: Pool, neg: Pool, to_eval: bool, counts: dict[str, int]) -> None:
-        """T1, T4, T5 and T6 examples (SFT or eval) drawn from the pools."""
+    def review_tasks(self, pos: Pool, neg: Pool, to_eval: bool, counts: dict[str, int],
+                     classify_written: bool = False) -> None:
+        """T1, T4, T5 and T6 examples (SFT or eval) drawn from the pools; with `classify_written` also T1
+        examples of the reviews T4-T6 used."""
         # T1 in length-matched positive/negative couples: negative reviews are shorter, and the pairs above
         # take the long ones, so unmatched draws let a model read the label off the length
         for couple in self.match_lengths(pos.take(self.n(counts["t1"])), pos, neg):
@@ -233,7 +235,7 @@ class DemoBuilder:
                 prompt, rest = continuation(r.text, self.rng(r.text))
                 self.task("t6_continue", prompt, rest, r.text, to_eval)
                 written.append(r)
-        if counts.get("t1_reuse"):
+        if classify_written:
             # the reviews the writing tasks used, classified too (same split, so nothing crosses splits):
             # more T1 data without taking reviews from pretraining; length-matched couples as above
             mine_pos = Pool([r for r in written if r.label == "pos"])
@@ -331,13 +333,13 @@ class DemoBuilder:
         pos = Pool([r for r in reviews if r.label == "pos"])
         neg = Pool([r for r in reviews if r.label == "neg"])
         eval_counts = {"t1": 150, "t4": 50, "t5": 100, "t6": 100}
-        sft_counts = {"t1": 1000, "t4": 500, "t5": 750, "t6": 500, "t1_reuse": 1}
+        sft_counts = {"t1": 1000, "t4": 500, "t5": 750, "t6": 500}
         # category-matched negatives are scarce (book: ~1.1k), so the pairs draw right after eval
         self.review_pairs(pos, neg, 50, 0, True)
         self.review_tasks(pos, neg, True, eval_counts)
         self.ppo_prompts(pos, neg, 50, True)
         self.review_pairs(pos, neg, 600, 300, False)
-        self.review_tasks(pos, neg, False, sft_counts)
+        self.review_tasks(pos, neg, False, sft_counts, classify_written=True)
         self.ppo_prompts(pos, neg, 300, False)
 
         paras = Pool(paragraphs)

@@ -5,7 +5,8 @@
 
 Greedy answers to the first --samples prompts of t1_sentiment, t2_segmentation and t3_ner (utils.tasks):
 sentiment accuracy, the share of 正面 answers and the AUC of the first-token margin log p(正) - log p(负),
-segmentation F1, NER F1 (also per type). Works on every model dir a step exports (SFT, PPO, DPO), so it
+segmentation F1, NER F1 (also per type); --out also keeps every answer (and each sentiment margin) next to
+its prompt and reference, to read the errors. Works on every model dir a step exports (SFT, PPO, DPO), so it
 also shows what RLHF did to the task skills.
 """
 
@@ -33,7 +34,7 @@ class ScoreConfig:
     samples: int = option(300, "Prompts per task (the first N).")
     max_new_tokens: int = option(96, "Answer length limit in tokens.")
     batch_size: int = option(16, "Prompts generated together.")
-    out: str = option("", "JSON file for the scores ('' = print only).")
+    out: str = option("", "JSON file for the scores and every answer ('' = print only).")
 
     def validate(self) -> None:
         require(bool(self.model), "model", self.model, "give an exported model dir")
@@ -53,12 +54,17 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"--eval_task_dir {cfg.eval_task_dir}: no t1_sentiment/t2_segmentation/t3_ner .jsonl "
                         "files there: point it at data_process's eval/ dir")
     model, tokenizer = load_causal_lm(cfg.model).eval(), AutoTokenizer.from_pretrained(cfg.model)
-    scores = evaluate_tasks(model, tokenizer, sets, cfg.batch_size, cfg.max_new_tokens)
+    answers: dict[str, list] = {}
+    scores = evaluate_tasks(model, tokenizer, sets, cfg.batch_size, cfg.max_new_tokens, answers)
     report = {"model": cfg.model, "samples": {task: len(rows) for task, rows in sets.items()}, **scores}
     for key, value in scores.items():
         print(f"{key:<22}{value:.4f}")
     if cfg.out:
-        Path(cfg.out).write_text(json.dumps(report, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        items = {task: [{"prompt": row["prompt"], "reference": row["reference"],
+                         **({"answer": a[0], "margin": a[1]} if task == "t1_sentiment" else {"answer": a})}
+                        for row, a in zip(sets[task], answers[task], strict=True)] for task in sets}
+        Path(cfg.out).write_text(json.dumps({**report, "answers": items}, ensure_ascii=False, indent=1) + "\n",
+                                 encoding="utf-8")
     return report
 
 

@@ -86,9 +86,12 @@ def test_sft_scores_tasks_and_chats(chain):
     # score_tasks.py on the export reproduces the final evaluation of the training run
     scores = score_tasks_main(["--model", str(chain / "step1_sft" / "final"), "--eval_task_dir",
                                str(chain / "data" / "eval"), "--samples", "4", "--max_new_tokens", "16",
-                               "--batch_size", "8"])
+                               "--batch_size", "8", "--out", str(chain / "step1_sft" / "tasks.json")])
     for key in ("sentiment_acc", "sentiment_pos_rate", "sentiment_auc", "segmentation_f1", "ner_f1"):
         assert scores[key] == pytest.approx(evals[-1][key], abs=1e-9, nan_ok=True), key
+    items = json.loads((chain / "step1_sft" / "tasks.json").read_text())["answers"]["t1_sentiment"]
+    right = sum(item["answer"].strip() == item["reference"] for item in items)
+    assert len(items) == 4 and right / 4 == pytest.approx(scores["sentiment_acc"])
     train = read_metrics(chain / "step1_sft", "train")
     assert train[-1]["loss"] < train[0]["loss"]
     final = chain / "step1_sft" / "final"

@@ -136,10 +136,11 @@ def load_task_evals(eval_dir: str | Path, limit: int) -> dict[str, list[dict[str
 
 
 def evaluate_tasks(model, tokenizer, sets: dict[str, list[dict[str, Any]]], batch_size: int,
-                   max_new_tokens: int) -> dict[str, float]:
+                   max_new_tokens: int, answers_out: dict[str, list] | None = None) -> dict[str, float]:
     """Greedy answers to every held-out task prompt, scored (for sentiment also the AUC of the first-token
     margin, utils.generation.first_token_margins). Ranks split the prompts (equal batch counts, so ZeRO-3's
-    collective weight gathers stay in step) and share their answers."""
+    collective weight gathers stay in step) and share their answers. `answers_out`, when given, receives
+    each task's answers in prompt order (for sentiment, (answer, margin) pairs)."""
     import torch
 
     from utils.chat import prompt_ids
@@ -169,6 +170,8 @@ def evaluate_tasks(model, tokenizer, sets: dict[str, list[dict[str, Any]]], batc
                 ordered[r::world] = part
             answers = ordered
         refs = [r["reference"] for r in rows]
+        if answers_out is not None:
+            answers_out[task] = list(answers)
         if task == "t1_sentiment":
             answers, margins = zip(*answers, strict=True)
             results["sentiment_auc"] = roc_auc(margins, [ref.strip() == SENTIMENT_LABELS[0] for ref in refs])
