@@ -40,7 +40,7 @@ from utils.chat import PackedCollator, PaddedCollator, pack_rows, with_conversat
 from utils.config import TrainConfig, option, require
 from utils.data import PackedTokens, read_token_meta, stack_collate
 from utils.dist import get_world_size
-from utils.errors import UserError, main_guard
+from utils.errors import main_guard
 from utils.generation import SamplingConfig, generate_ids
 from utils.lm import CausalLMTask
 from utils.model import check_vocab, create_causal_lm, load_causal_lm
@@ -167,9 +167,6 @@ def sft_data(cfg: Step1Config, tokenizer):
     else:
         collate = PaddedCollator(tokenizer.pad_token_id)
     task_sets = load_task_evals(cfg.eval_task_dir, cfg.eval_task_samples) if cfg.eval_task_dir else {}
-    if cfg.eval_task_dir and not task_sets:
-        raise UserError(f"--eval_task_dir {cfg.eval_task_dir}: no t1_sentiment/t2_segmentation/t3_ner .jsonl "
-                        "files there: point it at data_process's eval/ dir or leave it empty")
     task = SFTTask(tokenizer, task_sets, cfg, valid, collate, cfg.per_device_eval_batch_size, cfg.eval_batches)
     return train, collate, task, len(tokenizer)
 

@@ -21,7 +21,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.config import option, parse_config, require
-from utils.errors import UserError, main_guard
+from utils.errors import main_guard
 from utils.tasks import evaluate_tasks, load_task_evals
 
 
@@ -50,9 +50,6 @@ def main(argv: list[str] | None = None) -> dict:
     from utils.model import load_causal_lm
 
     sets = load_task_evals(cfg.eval_task_dir, cfg.samples)
-    if not sets:
-        raise UserError(f"--eval_task_dir {cfg.eval_task_dir}: no t1_sentiment/t2_segmentation/t3_ner .jsonl "
-                        "files there: point it at data_process's eval/ dir")
     model, tokenizer = load_causal_lm(cfg.model).eval(), AutoTokenizer.from_pretrained(cfg.model)
     answers: dict[str, list] = {}
     scores = evaluate_tasks(model, tokenizer, sets, cfg.batch_size, cfg.max_new_tokens, answers)

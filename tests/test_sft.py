@@ -86,6 +86,16 @@ def test_packed_rows_do_not_attend_across_conversations(chat_tokenizer):
             start += len(r["input_ids"])
 
 
+def assert_weighted_loss(tok, model, rows: list[dict], expected: float) -> CausalLMTask:
+    """Weighted rows give loss sum `expected` and one unit per conversation, packed and padded alike."""
+    task = CausalLMTask([], None, 1, 0)
+    for batch in (PackedCollator(tok.pad_token_id)(pack_rows(rows, 10_000)), PaddedCollator(tok.pad_token_id)(rows)):
+        assert task.units(batch) == pytest.approx(len(rows))
+        with torch.no_grad():
+            assert task.loss(model, batch).loss_sum.item() == pytest.approx(expected, rel=1e-5)
+    return task
+
+
 def test_conversation_weighting_averages_per_conversation(chat_tokenizer):
     """--loss_weighting conversation: the loss sum is the sum over conversations of each one's mean token
     loss, its units are conversations, and the weights survive packing and padding unchanged."""
@@ -104,12 +114,7 @@ def test_conversation_weighting_averages_per_conversation(chat_tokenizer):
             logits = model(input_ids=torch.tensor([r["input_ids"]])).logits
             labels = torch.tensor([r["labels"]])
             expected += (next_token_loss_sum(logits, labels) / (labels[:, 1:] != -100).sum()).item()
-    task = CausalLMTask([], None, 1, 0)
-    for batch in (PackedCollator(chat_tokenizer.pad_token_id)(pack_rows(rows, 10_000)),
-                  PaddedCollator(chat_tokenizer.pad_token_id)(rows)):
-        assert task.units(batch) == pytest.approx(len(CONVERSATIONS))
-        with torch.no_grad():
-            assert task.loss(model, batch).loss_sum.item() == pytest.approx(expected, rel=1e-5)
+    task = assert_weighted_loss(chat_tokenizer, model, rows, expected)
     # without weights the same rows give the token-weighted sum, a different number
     plain = PaddedCollator(chat_tokenizer.pad_token_id)([render_chat(chat_tokenizer, c) for c in CONVERSATIONS])
     assert task.units(plain) == sum(len([t for t in r["labels"][1:] if t != -100]) for r in rows)
@@ -138,12 +143,7 @@ def test_task_weighting_gives_each_task_its_conversation_share(chat_tokenizer):
             sums[t] += next_token_loss_sum(model(input_ids=torch.tensor([r["input_ids"]])).logits, labels).item()
             tokens[t] += int((labels[:, 1:] != -100).sum())
     expected = 3 / tokens["a"] * sums["a"] + 1 / tokens["b"] * sums["b"]
-    task = CausalLMTask([], None, 1, 0)
-    for batch in (PackedCollator(chat_tokenizer.pad_token_id)(pack_rows(rows, 10_000)),
-                  PaddedCollator(chat_tokenizer.pad_token_id)(rows)):
-        assert task.units(batch) == pytest.approx(len(CONVERSATIONS))
-        with torch.no_grad():
-            assert task.loss(model, batch).loss_sum.item() == pytest.approx(expected, rel=1e-5)
+    task = assert_weighted_loss(chat_tokenizer, model, rows, expected)
     # rows without a task form one task: the mean loss is the token-weighted one
     one, plain_batch = (PaddedCollator(chat_tokenizer.pad_token_id)(r)
                         for r in (with_task_weights(plain, [None] * len(plain)), plain))

@@ -121,8 +121,9 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def load_task_evals(eval_dir: str | Path, limit: int) -> dict[str, list[dict[str, Any]]]:
-    """The first `limit` rows of each verifiable task's eval/<task>.jsonl found in `eval_dir`."""
+def load_task_evals(eval_dir: str | Path, limit: int, flag: str = "--eval_task_dir") -> dict[str, list[dict[str, Any]]]:
+    """The first `limit` rows of each verifiable task's eval/<task>.jsonl found in `eval_dir`; a UserError
+    (naming `flag`) when there is none."""
     sets = {}
     for task in SCORERS:
         path = Path(eval_dir) / f"{task}.jsonl"
@@ -132,6 +133,9 @@ def load_task_evals(eval_dir: str | Path, limit: int) -> dict[str, list[dict[str
                 if not isinstance(row.get("prompt"), str) or not isinstance(row.get("reference"), str):
                     raise UserError(f"{path}:{i + 1}: needs string fields 'prompt' and 'reference'")
             sets[task] = rows
+    if not sets:
+        raise UserError(f"{flag} {eval_dir}: no {'/'.join(SCORERS)} .jsonl files there: point it at "
+                        "data_process's eval/ dir")
     return sets
 
 
