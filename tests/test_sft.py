@@ -24,7 +24,7 @@ from utils.chat import (
 )
 from utils.lm import CausalLMTask
 from utils.log import read_metrics
-from utils.losses import next_token_loss_sum
+from utils.losses import count_label_tokens, next_token_loss_sum
 
 CONVERSATIONS = [
     [{"role": "user", "content": "判断情感：房间干净，服务很好"}, {"role": "assistant", "content": "正面"}],
@@ -151,6 +151,34 @@ def test_task_weighting_gives_each_task_its_conversation_share(chat_tokenizer):
         mean_one = task.loss(model, one).loss_sum.item() / task.units(one)
         mean_plain = task.loss(model, plain_batch).loss_sum.item() / task.units(plain_batch)
     assert mean_one == pytest.approx(mean_plain, rel=1e-5)
+
+
+def test_loss_runs_the_head_only_on_scored_positions(chat_tokenizer):
+    """CausalLMTask.loss hands the model a logits_to_keep mask: the LM head sees only positions that score a
+    label, and the loss and every gradient equal the full-logits computation, packed and padded, with and
+    without loss weights."""
+    from utils.model import create_causal_lm
+
+    model = create_causal_lm("nano", len(chat_tokenizer), 256, seed=0)
+    plain = [render_chat(chat_tokenizer, c) for c in CONVERSATIONS]
+    task, pad = CausalLMTask([], None, 1, 0), chat_tokenizer.pad_token_id
+    head_rows = []
+    model.lm_head.register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[:-1].numel()))
+    for rows in (plain, with_task_weights(plain, ["a", "a", "b", "a"])):
+        for batch in (PackedCollator(pad)(pack_rows(rows, 10_000)), PaddedCollator(pad)(rows)):
+            head_rows.clear()
+            model.zero_grad()
+            task.loss(model, batch).loss_sum.backward()
+            mine = [p.grad.clone() for p in model.parameters()]
+            assert head_rows == [count_label_tokens(batch["labels"])]
+            model.zero_grad()
+            inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_weights")}
+            full = next_token_loss_sum(model(**inputs, use_cache=False).logits, batch["labels"], batch.get("loss_weights"))
+            full.backward()
+            assert head_rows[-1] == batch["input_ids"].numel()
+            assert task.loss(model, batch).loss_sum.item() == pytest.approx(full.item(), rel=1e-6)
+            for a, p in zip(mine, model.parameters(), strict=True):
+                assert torch.allclose(a, p.grad, atol=1e-6, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

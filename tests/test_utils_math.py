@@ -9,7 +9,7 @@ import torch
 
 from utils.data import MicroBatchPlan
 from utils.engine import lr_lambda
-from utils.losses import count_label_tokens, next_token_loss_sum
+from utils.losses import count_label_tokens, next_token_loss_sum, scored_positions, token_loss_sum
 from utils.model import count_parameters, flops_per_token, merge_lora_state_dict, preset_config
 
 
@@ -36,6 +36,25 @@ def test_fully_masked_batch_gives_zero_not_nan():
     loss.backward()
     assert loss.item() == 0.0
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() == 0
+    keep, targets, _ = scored_positions(labels)
+    assert not keep.any() and targets.numel() == 0
+    empty = token_loss_sum(logits[keep], targets)  # what the head gives for no kept position: (0, V)
+    empty.backward()
+    assert empty.item() == 0.0 and torch.isfinite(logits.grad).all()
+
+
+def test_scored_positions_select_what_next_token_loss_scores():
+    """The kept logits, in row-major order, against the returned targets and weights give next_token_loss_sum."""
+    torch.manual_seed(1)
+    logits, labels, weights = torch.randn(3, 7, 11), torch.randint(0, 11, (3, 7)), torch.rand(3, 7)
+    labels[0, :4] = -100
+    labels[2, 5:] = -100
+    keep, targets, w = scored_positions(labels, weights)
+    assert keep.sum() == count_label_tokens(labels) == targets.numel() == w.numel()
+    assert not keep[:, -1].any() and keep[0, 3] and not keep[0, 2]  # position t scores labels[t + 1]
+    for wt, ws in ((None, None), (weights, w)):
+        assert token_loss_sum(logits[keep], targets, ws).item() == pytest.approx(
+            next_token_loss_sum(logits, labels, wt).item(), rel=1e-6)
 
 
 def test_lr_schedule_shape():

@@ -11,7 +11,7 @@ import torch
 
 from utils.data import sharded_eval_batches
 from utils.dist import all_reduce_sum
-from utils.losses import count_label_tokens, next_token_loss_sum
+from utils.losses import count_label_tokens, scored_positions, token_loss_sum
 from utils.trainer import LossOutput
 
 
@@ -42,8 +42,10 @@ class CausalLMTask:
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_weights")}
-        logits = model(**inputs, use_cache=False).logits  # (B, T, V)
-        return LossOutput(next_token_loss_sum(logits, batch["labels"], batch.get("loss_weights")))
+        keep, targets, weights = scored_positions(batch["labels"], batch.get("loss_weights"))
+        # the LM head and the softmax run only where a label is scored (SFT: about a third of the tokens)
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (N, V)
+        return LossOutput(token_loss_sum(logits, targets, weights))
 
     def evaluate(self, model: torch.nn.Module, step: int = -1) -> dict[str, float]:
         loss_sum, units = 0.0, 0

@@ -30,6 +30,29 @@ def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, weights: tor
     return (per_token * F.pad(weights[:, 1:].float(), (0, 1)).reshape(-1)).sum()
 
 
+def scored_positions(labels: torch.Tensor, weights: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Which positions' logits score a label: keep (B, T) bool, True at t where labels[b, t+1] != -100; the
+    labels they score, (N,) in row-major order (the order of hidden_states[keep]); and weights[b, t+1] there.
+
+    Handing `keep` to the model as transformers' `logits_to_keep` runs the LM head and the softmax on those
+    N positions only (prompts, system turns and padding skip them); token_loss_sum then gives exactly
+    next_token_loss_sum on the full logits.
+    """
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T), as in next_token_loss_sum
+    keep = shift_labels != IGNORE_INDEX
+    shift_weights = None if weights is None else F.pad(weights[:, 1:].float(), (0, 1))[keep]
+    return keep, shift_labels[keep], shift_weights
+
+
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of cross-entropies of logits (N, V) against targets (N,), each times weights (N,) when given.
+    Exactly 0 (with grad) when N = 0."""
+    if weights is None:
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
+    return (F.cross_entropy(logits.float(), targets, reduction="none") * weights).sum()
+
+
 def count_label_tokens(labels: torch.Tensor) -> int:
     """Positions that carry a next-token loss (the units next_token_loss_sum sums over)."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum().item())
