@@ -2,8 +2,8 @@
 
   rm    reward-model training pairs/s: our step 2 (RewardTask through utils.trainer on a DeepSpeed ZeRO-0
         engine) against TRL's RewardTrainer, same tiny model, 8 pairs of 2 x 256 random tokens per step.
-  dpo   DPO training pairs/s: our dpo.py task with the reference scored on the fly (a frozen DeepSpeed
-        engine) and with precomputed reference log-probs, against TRL's DPOTrainer in both modes; 4 pairs
+  dpo   DPO training pairs/s: our dpo.py task in its default layout (shared prompt: one row of prompt +
+        chosen + rejected per pair) with the reference scored on the fly (a frozen DeepSpeed engine) and with precomputed reference log-probs, against TRL's DPOTrainer in both modes; 4 pairs
         of a 64-token prompt and 192-token chosen/rejected replies per step (TRL appends an end token to each
         reply: 193).
 
@@ -114,18 +114,19 @@ def dpo_rows(n: int = 32) -> list[dict]:
     return rows
 
 
-def our_dpo_step_fn(root: Path, precompute: bool) -> Callable[[], float]:
-    from step3_rlhf_ppo.dpo import DPOCollator, DPOConfig, DPOTask, attach_reference
+def our_dpo_step_fn(root: Path, precompute: bool, share_prompt: bool = True) -> Callable[[], float]:
+    """Our DPO step in dpo.py's default layout (shared prompt: one row per pair) or the two-row one."""
+    from step3_rlhf_ppo.dpo import DPOCollator, DPOConfig, DPOTask, SharedPromptCollator, attach_reference
     from utils.dist import choose_precision
     from utils.model import load_causal_lm
 
-    run_dir = root / f"ours-dpo-{precompute}"
+    run_dir = root / f"ours-dpo-{precompute}-{share_prompt}"
     run_dir.mkdir()
     cfg = DPOConfig(output_dir=str(run_dir), model_name_or_path=str(root / "tiny"), data_path="-",
                     per_device_train_batch_size=DPO_PAIRS, per_device_eval_batch_size=DPO_PAIRS,
                     max_seq_len=PROMPT + REPLY, eval_interval=0, save_interval=0, enable_tensorboard=False,
                     dtype="fp32", loss_type="dpo", label_smoothing=0.0, precompute_ref_logps=precompute)
-    collate, rows = DPOCollator(PAD), dpo_rows()
+    collate, rows = (SharedPromptCollator if share_prompt else DPOCollator)(PAD), dpo_rows()
     reference = attach_reference(cfg, run_dir, rows, {}, collate, choose_precision("fp32"))
     task = DPOTask(cfg, {}, collate, reference)
     step = our_loop_step_fn(load_causal_lm(root / "tiny"), task, rows, collate, cfg)
@@ -152,7 +153,8 @@ def trl_dpo_step_fn(root: Path, precompute: bool) -> Callable[[], float]:
 def suite_dpo(args) -> dict:
     kw = {"steps": max(args.steps // 2, 2), "windows": args.windows, "warmup": 2, "max_foreign": args.max_foreign}
     out: dict = {"config": {"preset": "tiny", "pairs_per_step": DPO_PAIRS, "prompt": PROMPT, "reply": REPLY,
-                            "loss": "sigmoid, beta 0.1", "dtype": "fp32"}}
+                            "loss": "sigmoid, beta 0.1", "dtype": "fp32",
+                            "our_layout": "shared prompt (SharedPromptCollator)"}}
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
         root = Path(tmp)
         _saved_tiny(root)

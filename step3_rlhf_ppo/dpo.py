@@ -183,20 +183,16 @@ def policy_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
     Two-row layout (DPOCollator): only positions from the first one that predicts a reply token in any row
     get logits (transformers' logits_to_keep): the LM head and the softmax skip the common prompt part.
-    Shared-prompt layout (SharedPromptCollator): the logits at score_from score score_labels (again from the
-    first scored position on)."""
+    Shared-prompt layout (SharedPromptCollator): the model gives logits at the score_from positions only
+    (logits_to_keep as a (P, 2S) index; the prompt's last position twice, padding entries at position 0),
+    and they score score_labels."""
     if "score_from" in batch:
         pairs, _, scored = batch["score_from"].shape
         labels = batch["score_labels"].view(pairs, 2 * scored)
-        real = labels != IGNORE_INDEX
-        width = batch["input_ids"].shape[1]
-        first = int(batch["score_from"].view(pairs, -1)[real].min()) if real.any() else width - 1
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], use_cache=False,
-                       logits_to_keep=width - first).logits  # (P, T - first, V): positions first .. T-1
-        where = (batch["score_from"].view(pairs, 2 * scored) - first).clamp(min=0)  # padding entries: any index
-        picked = logits.gather(1, where[:, :, None].expand(-1, -1, logits.shape[-1]))
-        token_logps = -F.cross_entropy(picked.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                       position_ids=batch["position_ids"], use_cache=False,  # (P, 2S, V): the head runs only there
+                       logits_to_keep=batch["score_from"].view(pairs, 2 * scored)).logits
+        token_logps = -F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                        reduction="none").view(pairs, 2, scored)
         logps, lengths = token_logps.sum(-1), (batch["score_labels"] != IGNORE_INDEX).sum(-1)
         return logps[:, 0], logps[:, 1], lengths[:, 0], lengths[:, 1]

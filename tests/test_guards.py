@@ -122,3 +122,19 @@ def test_finished_run_is_redone_when_its_input_data_changed(dist, token_dir, tmp
     assert (out / "final" / "model.safetensors").stat().st_mtime_ns != stamp
     # started afresh (the old checkpoint was removed and written again), not resumed at the old run's end
     assert (out / "checkpoints" / "step00000002" / "meta.json").stat().st_mtime_ns != ckpt_stamp
+
+
+def test_fractional_epochs_set_the_step_count(tmp_path):
+    """--num_train_epochs 2.5 runs two and a half passes (the last stops half way); 0 is refused."""
+    from utils.trainer import total_train_steps
+
+    def cfg(*extra):
+        return parse_config(Step1Config, ["--preset", "nano", "--data_path", "d", "--output_dir", "o",
+                                          "--per_device_train_batch_size", "4", *extra])
+    assert total_train_steps(cfg("--num_train_epochs", "2.5"), 40) == 25  # 10 steps per epoch
+    assert total_train_steps(cfg("--num_train_epochs", "2"), 41) == 20  # the partial batch is dropped
+    assert total_train_steps(cfg("--num_train_epochs", "2.5", "--max_steps", "7"), 40) == 7
+    (tmp_path / "c.json").write_text('{"num_train_epochs": 3, "preset": "nano", "data_path": "d", "output_dir": "o"}')
+    assert parse_config(Step1Config, ["--config", str(tmp_path / "c.json")]).num_train_epochs == 3  # saved as int
+    with pytest.raises(UserError, match="--num_train_epochs=0.0 is invalid: must be > 0"):
+        cfg("--num_train_epochs", "0")

@@ -109,7 +109,8 @@ class TrainConfig(RunConfig):
     weight_decay: float = option(0.1, "AdamW weight decay (not applied to norms and biases).")
     adam_beta1: float = option(0.9, "AdamW beta1.")
     adam_beta2: float = option(0.95, "AdamW beta2.")
-    num_train_epochs: int = option(1, "Passes over the training data (ignored when --max_steps > 0).")
+    num_train_epochs: float = option(1.0, "Passes over the training data, fractions allowed (2.5: the last pass "
+                                     "stops half way); ignored when --max_steps > 0.")
     max_steps: int = option(0, "Optimizer steps to run; 0 means num_train_epochs passes.")
     lr_scheduler_type: str = option("cosine", "Learning-rate schedule after warmup.", choices=SCHEDULERS)
     num_warmup_steps: int = option(0, "Linear warmup steps.")
@@ -131,7 +132,8 @@ class TrainConfig(RunConfig):
     def validate(self) -> None:
         super().validate()
         require_positive(self, "per_device_train_batch_size", "per_device_eval_batch_size",
-                         "gradient_accumulation_steps", "max_seq_len", "num_train_epochs")
+                         "gradient_accumulation_steps", "max_seq_len")
+        require(self.num_train_epochs > 0, "num_train_epochs", self.num_train_epochs, "must be > 0, e.g. 2 or 2.5")
         require_non_negative(self, "max_steps", "num_warmup_steps", "lora_dim")
         require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be > 0, e.g. 3e-4")
         require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")

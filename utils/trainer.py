@@ -111,7 +111,7 @@ def total_train_steps(cfg: Any, num_rows: int) -> int:
         raise UserError(f"--data_path {cfg.data_path}: {num_rows} training rows cannot fill one global batch "
                         f"of {global_batch}: lower --per_device_train_batch_size or "
                         "--gradient_accumulation_steps, or add data")
-    return cfg.max_steps or per_epoch * cfg.num_train_epochs
+    return cfg.max_steps or max(1, round(per_epoch * cfg.num_train_epochs))
 
 
 def measure_peak_flops(device: torch.device, trials: int = 5, seconds: float = 0.1) -> float:
