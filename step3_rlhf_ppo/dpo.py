@@ -104,6 +104,11 @@ class DPOCollator:
         batch = PaddedCollator(self.pad_token_id)([r["chosen"] for r in rows] + [r["rejected"] for r in rows])
         return _with_reference(batch, rows)
 
+    @staticmethod
+    def length(row: dict) -> int:
+        """The padded width this row asks of its batch (Trainer's grouping by length)."""
+        return max(len(row["chosen"]["input_ids"]), len(row["rejected"]["input_ids"]))
+
 
 def _with_reference(batch: dict[str, torch.Tensor], rows: list[dict]) -> dict[str, torch.Tensor]:
     if "ref_chosen" in rows[0]:
@@ -134,6 +139,12 @@ class SharedPromptCollator:
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
+
+    @staticmethod
+    def length(row: dict) -> int:
+        """The padded width this row asks of its batch (Trainer's grouping by length)."""
+        chosen, rejected = row["chosen"], row["rejected"]
+        return len(chosen["input_ids"]) + len(rejected["input_ids"]) - shared_prefix(chosen, rejected)
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         seqs, positions, segments, sources, targets = [], [], [], [], []

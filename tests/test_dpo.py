@@ -112,6 +112,20 @@ def test_shared_prompt_layout_gives_the_two_row_logps_and_gradients(chat_tokeniz
     assert (saved > 0) if cut is None else (saved >= 0)
 
 
+@pytest.mark.parametrize("cut", [None, 20])
+def test_collators_say_the_width_a_row_asks_for(chat_tokenizer, cut):
+    """length(row), which the trainer groups rows by, is the width of a batch of that row alone."""
+    from utils.preference import PairCollator
+
+    rows = [encode_pair(chat_tokenizer, Pair(*p[:3]), cut) for p in PAIRS]
+    pad = chat_tokenizer.pad_token_id
+    for collate in (DPOCollator(pad), SharedPromptCollator(pad)):
+        assert [collate.length(r) for r in rows] == [collate([r])["input_ids"].shape[1] for r in rows]
+    pairs = [{"chosen": r["chosen"]["input_ids"], "rejected": r["rejected"]["input_ids"], "margin": 0.0, "kind": 0}
+             for r in rows]
+    assert [PairCollator.length(r) for r in pairs] == [PairCollator(pad)([r])["input_ids"].shape[1] for r in pairs]
+
+
 def test_at_init_loss_is_log2_and_rewards_zero(chat_tokenizer):
     from utils.model import create_causal_lm
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,16 +68,55 @@ def test_lr_schedule_shape():
     assert lr_lambda(60, kind="constant", **kw) == 1.0
 
 
+LENGTHS = np.random.default_rng(0).integers(10, 300, 100)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("micro,world,gas", [(8, 1, 1), (4, 2, 1), (1, 1, 8), (2, 2, 2), (1, 4, 2)])
-def test_plan_covers_the_same_rows_per_global_batch(micro, world, gas):
-    """Whatever the split over ranks and accumulation, optimizer step s sees the same 8 rows."""
-    reference = MicroBatchPlan(100, 8, 1, 0, seed=3)
-    plans = [MicroBatchPlan(100, micro, world, r, seed=3) for r in range(world)]
+def test_plan_covers_the_same_rows_per_global_batch(micro, world, gas, grouped):
+    """Whatever the split over ranks and accumulation, optimizer step s sees the same 8 rows (also when
+    rows are grouped by length: chunks of 40 rows, blocks of one step's 8)."""
+    kw = {"lengths": LENGTHS, "group_rows": 40, "block_rows": 8} if grouped else {}
+    reference = MicroBatchPlan(100, 8, 1, 0, seed=3, **kw)
+    plans = [MicroBatchPlan(100, micro, world, r, seed=3, **kw) for r in range(world)]
     for epoch in range(2):
         for step in range(100 // 8):
             seen = sorted(i for p in plans for k in range(step * gas, (step + 1) * gas) for i in p.rows(epoch, k))
             assert seen == sorted(reference.rows(epoch, step))
     assert plans[0].micro_batches_per_epoch // gas == reference.micro_batches_per_epoch
+
+
+def test_length_grouping_fills_batches_and_keeps_their_order_random():
+    """Grouped plans are still seeded permutations; each step's rows come from one length-sorted chunk, so
+    they pad far less than random batches, and the steps of a chunk are not simply longest first."""
+    plain = MicroBatchPlan(100, 8, 1, 0, seed=3)
+    grouped = MicroBatchPlan(100, 8, 1, 0, seed=3, lengths=LENGTHS, group_rows=40, block_rows=8)
+    perm = grouped.permutation(0)
+    assert sorted(perm.tolist()) == list(range(100)) and perm.tolist() == grouped.permutation(0).tolist()
+    assert sorted(perm[:40].tolist()) == sorted(plain.permutation(0)[:40].tolist())  # same chunks, reordered
+
+    def padding(plan):  # padded slots minus real tokens over one epoch
+        batches = [LENGTHS[plan.rows(0, k)] for k in range(plan.micro_batches_per_epoch)]
+        return sum(len(b) * b.max() - b.sum() for b in batches)
+    assert padding(grouped) < 0.3 * padding(plain)
+    maxima = [[LENGTHS[grouped.rows(e, k)].max() for k in range(5)] for e in range(4)]
+    assert any(m != sorted(m, reverse=True) for m in maxima)
+
+
+def test_length_groups_only_for_collators_that_pad():
+    """--group_by_length groups rows of collators that pad to the longest row, not packed rows, and is off
+    when asked."""
+    from types import SimpleNamespace
+
+    from utils.chat import PackedCollator, PaddedCollator
+    from utils.trainer import length_groups
+
+    on, off = SimpleNamespace(group_by_length=True), SimpleNamespace(group_by_length=False)
+    rows = [{"input_ids": [5] * n, "labels": [5] * n} for n in (4, 9, 2)]
+    got = length_groups(on, rows, PaddedCollator(0), block_rows=4)
+    assert got["lengths"].tolist() == [4, 9, 2] and (got["group_rows"], got["block_rows"]) == (200, 4)
+    assert length_groups(off, rows, PaddedCollator(0), 4) == {}
+    assert length_groups(on, rows, PackedCollator(0), 4) == {}
 
 
 def test_plan_is_seeded_and_epochs_differ():

@@ -9,7 +9,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 OUTPUT="${1:-$OUTPUT}"
 ZERO_STAGE="${2:-${ZERO_STAGE:-0}}"
-if [ "$FAST" = "1" ]; then STEPS=(--max_steps 30 --eval_interval 30 --save_interval 15 --eval_task_samples 8); else STEPS=(--num_train_epochs "${EPOCHS:-2}" --eval_interval 400 --save_interval 200 --eval_task_samples 300); fi
+if [ "$FAST" = "1" ]; then STEPS=(--max_steps 30 --eval_interval 30 --save_interval 15 --eval_task_samples 8); else STEPS=(--num_train_epochs "${EPOCHS:-2}" --eval_interval 500 --save_interval 250 --eval_task_samples 300); fi
 EXTRA=()
 if [ "${PACKING:-1}" = "1" ]; then EXTRA+=(--packing); fi
 launch "$REPO/step1_pretrain_sft/main.py" --stage sft \

@@ -144,6 +144,11 @@ class PaddedCollator:
         return _add_weights({"input_ids": ids, "attention_mask": mask, "labels": right_pad(rows, "labels", IGNORE_INDEX)},
                             rows)
 
+    @staticmethod
+    def length(row: dict[str, list[int]]) -> int:
+        """The padded width this row asks of its batch (Trainer's grouping by length)."""
+        return len(row["input_ids"])
+
 
 def pack_rows(rows: Sequence[dict[str, list[int]]], max_len: int) -> list[dict[str, list[int]]]:
     """Greedily concatenate rendered conversations (in the given order) into rows of <= max_len tokens,

@@ -116,6 +116,8 @@ class TrainConfig(RunConfig):
     num_warmup_steps: int = option(0, "Linear warmup steps.")
     min_lr_ratio: float = option(0.1, "Final learning rate as a fraction of the peak (cosine and linear).")
     gradient_clipping: float = option(1.0, "Clip the global gradient norm to this value (0 = off).")
+    group_by_length: bool = option(True, "Batch rows of similar length together (padded layouts only: pairs, "
+                                         "unpacked SFT): less padding, batch order still random.")
     # DeepSpeed / hardware
     zero_stage: int = option(0, "DeepSpeed ZeRO stage: 0, 1, 2 or 3.", choices=(0, 1, 2, 3))
     offload: bool = option(False, "Offload optimizer states (and parameters under ZeRO-3) to CPU memory.")

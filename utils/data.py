@@ -9,6 +9,13 @@ batch 1 and 8 accumulation steps. Dealing in turn also keeps any leading slice o
 rows [0, m) of every rank together are rows [0, m * world) of the single-process batch, which is what lets
 PPO cut its experience into mini-batches the same way at any world size. The position in the data is one
 integer (micro-batches consumed this epoch), which makes resume exact.
+
+With `lengths` (one per row) the permutation is grouped by length, the way transformers' group_by_length
+does it: perm_e is cut into chunks of `group_rows` rows, each chunk is sorted longest first and cut into
+blocks of `block_rows` rows (one optimizer step's global batch), and the blocks are shuffled within the
+chunk. Rows of similar length then share a batch (padded batches carry little padding) while the order of
+batches stays random; as block_rows and group_rows count global rows, every split across processes and
+accumulation steps still sees the same rows per step.
 """
 
 from __future__ import annotations
@@ -38,6 +45,9 @@ class MicroBatchPlan:
     rank: int
     seed: int
     shuffle: bool = True
+    lengths: np.ndarray | None = None  # per row: group rows of similar length into the same batches
+    group_rows: int = 0  # rows per length-sorted chunk (a multiple of block_rows)
+    block_rows: int = 0  # rows per optimizer step, all ranks and accumulation steps together
 
     @property
     def micro_batches_per_epoch(self) -> int:
@@ -47,7 +57,18 @@ class MicroBatchPlan:
     def permutation(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(self.num_rows)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+        rng = np.random.default_rng([self.seed, epoch])
+        perm = rng.permutation(self.num_rows)
+        if self.lengths is None:
+            return perm
+        for start in range(0, self.num_rows, self.group_rows):
+            chunk = perm[start:start + self.group_rows]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            full = len(chunk) // self.block_rows * self.block_rows  # a partial last block stays last
+            blocks = chunk[:full].reshape(-1, self.block_rows)[rng.permutation(full // self.block_rows)]
+            perm[start:start + full] = blocks.reshape(-1)
+            perm[start + full:start + len(chunk)] = chunk[full:]
+        return perm
 
     def rows(self, epoch: int, k: int, perm: np.ndarray | None = None) -> list[int]:
         """Row indices of this rank's micro-batch `k` in `epoch`."""

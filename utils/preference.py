@@ -112,3 +112,8 @@ class PairCollator:
         return {"input_ids": ids, "attention_mask": mask,
                 "margin": torch.tensor([float(r["margin"]) for r in rows]),
                 "kind": torch.tensor([r["kind"] for r in rows], dtype=torch.long)}
+
+    @staticmethod
+    def length(row: dict[str, Any]) -> int:
+        """The padded width this row asks of its batch (Trainer's grouping by length)."""
+        return max(len(row["chosen"]), len(row["rejected"]))

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from utils.checkpoint import CheckpointManager
@@ -97,6 +98,16 @@ def _grad_norm(model: torch.nn.Module) -> float:
     return torch.stack(norms).norm().item() if norms else 0.0
 
 
+def length_groups(cfg: Any, dataset: Any, collate: Callable, block_rows: int) -> dict[str, Any]:
+    """MicroBatchPlan's grouping by length (--group_by_length), for collators that pad to the longest row
+    (they say how long a row is): chunks of 50 optimizer steps' rows (`block_rows` each), sorted by length,
+    dealt out a step's rows at a time. Empty (plain shuffle) otherwise."""
+    if not getattr(cfg, "group_by_length", False) or not hasattr(collate, "length"):
+        return {}
+    return {"lengths": np.array([collate.length(row) for row in dataset]), "group_rows": 50 * block_rows,
+            "block_rows": block_rows}
+
+
 def steps_per_epoch(num_rows: int, micro_batch: int, world_size: int, grad_accum: int) -> int:
     """Optimizer steps in one pass over `num_rows` rows (partial global batches are dropped)."""
     return num_rows // (micro_batch * world_size) // grad_accum
@@ -144,7 +155,9 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.world = get_world_size()
         self.gas = cfg.gradient_accumulation_steps
-        self.plan = MicroBatchPlan(len(dataset), cfg.per_device_train_batch_size, self.world, get_rank(), cfg.seed)
+        block = cfg.per_device_train_batch_size * self.world * self.gas  # rows per optimizer step
+        self.plan = MicroBatchPlan(len(dataset), cfg.per_device_train_batch_size, self.world, get_rank(), cfg.seed,
+                                   **length_groups(cfg, dataset, collate, block))
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.keep_last)
         self.state = LoopState()
 
