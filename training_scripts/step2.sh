@@ -7,7 +7,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 OUTPUT="${1:-$OUTPUT}"
 ZERO_STAGE="${2:-${ZERO_STAGE:-0}}"
-if [ "$FAST" = "1" ]; then STEPS=(--max_steps 20 --eval_interval 20 --save_interval 10); else STEPS=(--num_train_epochs "${EPOCHS:-2}" --eval_interval 100 --save_interval 100); fi
+if [ "$FAST" = "1" ]; then STEPS=(--max_steps 20 --eval_interval 20 --save_interval 10); else STEPS=(--num_train_epochs "${EPOCHS:-3}" --eval_interval 100 --save_interval 100); fi
 launch "$REPO/step2_reward_model/main.py" \
     --model_name_or_path "${RM_BASE:-$OUTPUT/step1_sft/final}" \
     --data_path "$OUTPUT/data/preference" \
