@@ -3,9 +3,9 @@
   rm    reward-model training pairs/s: our step 2 (RewardTask through utils.trainer on a DeepSpeed ZeRO-0
         engine) against TRL's RewardTrainer, same tiny model, 8 pairs of 2 x 256 random tokens per step.
   dpo   DPO training pairs/s: our dpo.py task in its default layout (shared prompt: one row of prompt +
-        chosen + rejected per pair) with the reference scored on the fly (a frozen DeepSpeed engine) and with precomputed reference log-probs, against TRL's DPOTrainer in both modes; 4 pairs
-        of a 64-token prompt and 192-token chosen/rejected replies per step (TRL appends an end token to each
-        reply: 193).
+        chosen + rejected per pair) with the reference scored on the fly (a frozen DeepSpeed engine) and
+        with precomputed reference log-probs, against TRL's DPOTrainer in both modes; 4 pairs of a 64-token
+        prompt and 192-token chosen/rejected replies per step (TRL appends an end token to each reply: 193).
 
 Both sides start from the same saved model, train in fp32 with torch AdamW, one micro-batch per optimizer
 step; TRL runs through transformers' Trainer.training_step, as the train suite's Trainer baseline does.
