@@ -112,9 +112,12 @@ def test_length_groups_only_for_collators_that_pad():
     from utils.trainer import length_groups
 
     on, off = SimpleNamespace(group_by_length=True), SimpleNamespace(group_by_length=False)
-    rows = [{"input_ids": [5] * n, "labels": [5] * n} for n in (4, 9, 2)]
+    rows = [{"input_ids": [5] * (n % 7 + 1), "labels": [5] * (n % 7 + 1)} for n in range(1000)]
     got = length_groups(on, rows, PaddedCollator(0), block_rows=4)
-    assert got["lengths"].tolist() == [4, 9, 2] and (got["group_rows"], got["block_rows"]) == (200, 4)
+    assert got["lengths"].tolist() == [n % 7 + 1 for n in range(1000)]
+    assert (got["group_rows"], got["block_rows"]) == (200, 4)  # 50 steps of 4 rows
+    assert length_groups(on, rows[:400], PaddedCollator(0), 4)["group_rows"] == 100  # at most a quarter
+    assert length_groups(on, rows[:16], PaddedCollator(0), 4)["group_rows"] == 4  # one step: no grouping
     assert length_groups(off, rows, PaddedCollator(0), 4) == {}
     assert length_groups(on, rows, PackedCollator(0), 4) == {}
 

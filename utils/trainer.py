@@ -101,10 +101,15 @@ def _grad_norm(model: torch.nn.Module) -> float:
 def length_groups(cfg: Any, dataset: Any, collate: Callable, block_rows: int) -> dict[str, Any]:
     """MicroBatchPlan's grouping by length (--group_by_length), for collators that pad to the longest row
     (they say how long a row is): chunks of 50 optimizer steps' rows (`block_rows` each), sorted by length,
-    dealt out a step's rows at a time. Empty (plain shuffle) otherwise."""
+    dealt out a step's rows at a time. Empty (plain shuffle) otherwise.
+
+    A chunk never holds more than a quarter of the data: one holding all of it would be sorted into the
+    same batches every epoch (on a few rows, batches of near-copies), so small sets are grouped in smaller
+    chunks, and one a step's rows long is no grouping at all."""
     if not getattr(cfg, "group_by_length", False) or not hasattr(collate, "length"):
         return {}
-    return {"lengths": np.array([collate.length(row) for row in dataset]), "group_rows": 50 * block_rows,
+    blocks = max(1, min(50, len(dataset) // (4 * block_rows)))
+    return {"lengths": np.array([collate.length(row) for row in dataset]), "group_rows": blocks * block_rows,
             "block_rows": block_rows}
 
 
