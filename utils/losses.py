@@ -11,6 +11,13 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def shift_left(x: torch.Tensor, fill: float = IGNORE_INDEX) -> torch.Tensor:
+    """labels (or per-token weights) (B, T) moved one left, `fill` in the last column: position t then holds
+    what its logits score. Shifting the labels rather than slicing the logits avoids a (B, T-1, V) copy of
+    the logits and of their gradient."""
+    return F.pad(x[:, 1:], (0, 1), value=fill)
+
+
 def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of next-token cross-entropies over positions whose label is not -100, each times weights[b, t+1]
     when `weights` (B, T) is given.
@@ -20,14 +27,12 @@ def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, weights: tor
     Equivalent to: sum over b, t < T-1 with labels[b, t+1] != -100 of
     w[b, t+1] * -log softmax(logits[b, t])[labels[b, t+1]], with w = 1 without weights.
     """
-    # shift the labels left (the last position gets -100) rather than slicing the logits: a view of the
-    # logits, not a (B, T-1, V) copy of them and of their gradient
-    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)  # (B*T,)
+    shift_labels = shift_left(labels).reshape(-1)  # (B*T,)
     flat_logits = logits.float().reshape(-1, logits.size(-1))  # (B*T, V)
     if weights is None:
         return F.cross_entropy(flat_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
     per_token = F.cross_entropy(flat_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="none")
-    return (per_token * F.pad(weights[:, 1:].float(), (0, 1)).reshape(-1)).sum()
+    return (per_token * shift_left(weights.float(), 0.0).reshape(-1)).sum()
 
 
 def scored_positions(labels: torch.Tensor, weights: torch.Tensor | None = None
@@ -39,9 +44,9 @@ def scored_positions(labels: torch.Tensor, weights: torch.Tensor | None = None
     N positions only (prompts, system turns and padding skip them); token_loss_sum then gives exactly
     next_token_loss_sum on the full logits.
     """
-    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T), as in next_token_loss_sum
+    shift_labels = shift_left(labels)  # (B, T)
     keep = shift_labels != IGNORE_INDEX
-    shift_weights = None if weights is None else F.pad(weights[:, 1:].float(), (0, 1))[keep]
+    shift_weights = None if weights is None else shift_left(weights.float(), 0.0)[keep]
     return keep, shift_labels[keep], shift_weights
 
 
@@ -81,7 +86,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     Position t scores labels[:, t + 1]; -100 labels (prompt, template, padding) contribute nothing.
     Equivalent to: for each row b, sum over t with labels[b, t+1] != -100 of log_softmax(logits[b, t])[labels[b, t+1]].
     """
-    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T), as in next_token_loss_sum
+    shift_labels = shift_left(labels)  # (B, T)
     token_logps = -F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), shift_labels.reshape(-1),
                                    ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)  # 0 if ignored
     return token_logps.sum(-1), (shift_labels != IGNORE_INDEX).sum(-1)
