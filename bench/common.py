@@ -34,20 +34,40 @@ def timed_windows(step: Callable[[], float], *, steps: int, windows: int, warmup
     """Run `warmup` steps, then `windows` windows of `steps` steps; `step()` returns the work it did
     (tokens). Windows where other processes used more than max_foreign x the window's length are redone
     (at most 3 times each)."""
-    for _ in range(warmup):
-        step()
-    rates, redone = [], 0
-    while len(rates) < windows:
-        f0, t0 = _foreign_cpu_seconds(), time.perf_counter()
-        work = sum(step() for _ in range(steps))
-        dt = time.perf_counter() - t0
-        foreign = _foreign_cpu_seconds() - f0
-        if foreign > max_foreign * dt and redone < 3 * windows:
-            redone += 1
-            continue
-        rates.append(work / dt)
-    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "windows": len(rates),
-            "redone": redone}
+    return interleaved_windows({"run": step}, steps=steps, windows=windows, warmup=warmup,
+                               max_foreign=max_foreign)["run"]
+
+
+def interleaved_windows(runs: dict[str, Callable[[], float]], *, steps: int, windows: int, warmup: int,
+                        max_foreign: float) -> dict[str, dict]:
+    """Time several runs in rounds: each round times one window of every run, back to back, in an order
+    that rotates from round to round, so a slow spell of the machine hits every run alike. Returns
+    timed_windows' figures per run, each with `rates`, its windows' rates in round order, from which
+    `paired_ratio` takes per-round ratios."""
+    for step in runs.values():
+        for _ in range(warmup):
+            step()
+    names = list(runs)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    redone = dict.fromkeys(names, 0)
+    for r in range(windows):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            while True:
+                f0, t0 = _foreign_cpu_seconds(), time.perf_counter()
+                work = sum(runs[name]() for _ in range(steps))
+                dt = time.perf_counter() - t0
+                if _foreign_cpu_seconds() - f0 <= max_foreign * dt or redone[name] >= 3 * windows:
+                    break
+                redone[name] += 1
+            rates[name].append(work / dt)
+    return {name: {"median": statistics.median(v), "min": min(v), "max": max(v), "windows": len(v),
+                   "redone": redone[name], "rates": v} for name, v in rates.items()}
+
+
+def paired_ratio(a: dict, b: dict) -> dict[str, float]:
+    """a / b per round of interleaved_windows (windows timed next to each other): median, min and max."""
+    ratios = [x / y for x, y in zip(a["rates"], b["rates"], strict=True)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": len(ratios)}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -25,6 +25,14 @@ def rate(stat: dict, digits: int = 0) -> str:
     return f"{f.format(stat['median'])} ({f.format(stat['min'])}-{f.format(stat['max'])})"
 
 
+def ratio(r) -> str:
+    """A ratio: the median (min-max) of per-round ratios, or a plain number from runs before the bench
+    interleaved its windows."""
+    if isinstance(r, dict):
+        return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
+    return f"{r:.2f}x"
+
+
 def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -40,9 +48,9 @@ def env_line(env: dict) -> str:
 def train(r: dict) -> str:
     names = {"plain": "plain PyTorch loop (torch AdamW)", "ours_zero0": "our loop, ZeRO-0", "ours_zero1": "our loop, ZeRO-1",
              "ours_zero2": "our loop, ZeRO-2", "ours_zero3": "our loop, ZeRO-3", "hf_trainer": "transformers Trainer"}
-    rows = [[label, rate(r[k]), f"{r['ratios'][k]:.2f}x", f"{r['mfu'][k]:.2f}", r[k]["redone"]] for k, label in names.items()]
-    return (table(["run", "tokens/s median (min-max)", "vs plain", "MFU", "redone"], rows)
-            + f"\n\nOur ZeRO-0 loop vs transformers Trainer: **{r['ratios']['ours_zero0_vs_hf_trainer']:.2f}x**; "
+    rows = [[label, rate(r[k]), ratio(r["ratios"][k]), f"{r['mfu'][k]:.2f}", r[k]["redone"]] for k, label in names.items()]
+    return (table(["run", "tokens/s median (min-max)", "vs plain, per round", "MFU", "redone"], rows)
+            + f"\n\nOur ZeRO-0 loop vs transformers Trainer: **{ratio(r['ratios']['ours_zero0_vs_hf_trainer'])}**; "
             f"matmul peak {r['peak_flops'] / 1e9:.0f} GFLOP/s.")
 
 
@@ -52,8 +60,8 @@ def generate(r: dict) -> str:
         cells = [b]
         for name in (f"generate_b{b}_cache", f"generate_b{b}_nocache", f"own_b{b}_zero0", f"own_b{b}_zero3",
                      f"zero3_per_forward_b{b}"):
-            cells.append(f"{rate(r[name])}, {r[f'ratio_{name}_vs_cache']:.2f}x")
-        cells.append(f"{r[f'ratio_b{b}_gather_once_vs_per_forward']:.2f}x")
+            cells.append(f"{rate(r[name])}, {ratio(r[f'ratio_{name}_vs_cache'])}")
+        cells.append(ratio(r[f"ratio_b{b}_gather_once_vs_per_forward"]))
         rows.append(cells)
     return table(["batch", "HF generate, KV cache", "HF generate, no cache", "own path, ZeRO-0",
                   "own path, ZeRO-3 (gathered once)", "generate on ZeRO-3 module (gathered per forward)",
@@ -75,14 +83,14 @@ def ppo(r: dict) -> str:
 def rm(r: dict) -> str:
     return (table(["run", "pairs/s"], [["ours (step 2 loop, ZeRO-0)", rate(r["ours_zero0"], 2)],
                                         ["TRL RewardTrainer", rate(r["trl_reward_trainer"], 2)]])
-            + f"\n\nOurs vs TRL: **{r['ratio_ours_vs_trl']:.2f}x**.")
+            + f"\n\nOurs vs TRL, per round: **{ratio(r['ratio_ours_vs_trl'])}**.")
 
 
 def dpo(r: dict) -> str:
     rows = []
     for mode, label in (("ref_on_the_fly", "reference scored every step"), ("precomputed_ref", "precomputed reference")):
-        rows.append([label, rate(r[f"ours_{mode}"], 2), rate(r[f"trl_{mode}"], 2), f"**{r[f'ratio_{mode}']:.2f}x**"])
-    return table(["mode", "ours pairs/s", "TRL DPOTrainer pairs/s", "ours / TRL"], rows)
+        rows.append([label, rate(r[f"ours_{mode}"], 2), rate(r[f"trl_{mode}"], 2), f"**{ratio(r[f'ratio_{mode}'])}**"])
+    return table(["mode", "ours pairs/s", "TRL DPOTrainer pairs/s", "ours / TRL, per round"], rows)
 
 
 def data(r: dict) -> str:

@@ -1,7 +1,9 @@
 """Benchmarks (not tests): `make bench` = `python -m bench.run [--only NAME ...] [--windows 3]`.
 
 Every figure is the median of >= 3 timed windows after a warm-up, with min and max, and every comparison a
-ratio measured in the same run (absolute speeds drift on shared machines; ratios hold). Two threads on two
+ratio measured in the same run (absolute speeds drift on shared machines; ratios hold). The suites that
+compare (train, generate, rm, dpo) interleave their runs' windows round by round and report the median of the
+per-round ratios, so a slow spell of the machine lands on both sides of a ratio. Two threads on two
 cores collapse when another process takes CPU time, so each window records the CPU time other processes
 used meanwhile (from /proc) and a window disturbed by more than --max_foreign of its length is run again.
 Results: bench/results/<name>.json (gitignored) and a table printed for docs/BENCHMARKS.md.
@@ -43,8 +45,10 @@ from bench.common import (
     environment,
     hf_args,
     hf_style_step_fn,
+    interleaved_windows,
     matmul_peak,
     our_loop_step_fn,
+    paired_ratio,
     random_batch,
     timed_windows,
     tiny_model,
@@ -101,18 +105,17 @@ def suite_train(args) -> dict:
     from utils.model import count_parameters, flops_per_token
 
     kw = {"steps": args.steps, "windows": args.windows, "warmup": 3, "max_foreign": args.max_foreign}
-    out: dict = {"config": {"preset": "tiny", "seq": SEQ, "micro_batch": MICRO, "dtype": "fp32"}}
-    out["plain"] = timed_windows(plain_step_fn(), **kw)
-    for stage in (0, 1, 2, 3):
-        out[f"ours_zero{stage}"] = timed_windows(our_lm_step_fn(stage), **kw)
-    out["hf_trainer"] = timed_windows(hf_trainer_step_fn(), **kw)
+    out: dict = {"config": {"preset": "tiny", "seq": SEQ, "micro_batch": MICRO, "dtype": "fp32",
+                            "timing": "windows interleaved; ratios are medians of per-round ratios"}}
+    runs = {"plain": plain_step_fn(), **{f"ours_zero{stage}": our_lm_step_fn(stage) for stage in (0, 1, 2, 3)},
+            "hf_trainer": hf_trainer_step_fn()}
+    out.update(interleaved_windows(runs, **kw))
     model = tiny_model()
     fpt = flops_per_token(count_parameters(model), model.config.num_hidden_layers, model.config.hidden_size, SEQ)
     peak = matmul_peak()
-    base = out["plain"]["median"]
-    out["ratios"] = {k: v["median"] / base for k, v in out.items() if isinstance(v, dict) and "median" in v}
-    out["ratios"]["ours_zero0_vs_hf_trainer"] = out["ours_zero0"]["median"] / out["hf_trainer"]["median"]
-    out["mfu"] = {k: v["median"] * fpt / peak for k, v in out.items() if isinstance(v, dict) and "median" in v}
+    out["ratios"] = {name: paired_ratio(out[name], out["plain"]) for name in runs}
+    out["ratios"]["ours_zero0_vs_hf_trainer"] = paired_ratio(out["ours_zero0"], out["hf_trainer"])
+    out["mfu"] = {name: out[name]["median"] * fpt / peak for name in runs}
     out["peak_flops"] = peak
     return out
 
@@ -191,13 +194,11 @@ def suite_generate(args) -> dict:
                 f"own_b{batch}_zero0": own_generate_fn(ids, new, 0),
                 f"own_b{batch}_zero3": own_generate_fn(ids, new, 3),
                 f"zero3_per_forward_b{batch}": per_forward_generate_fn(ids, new)}
-        for name, fn in runs.items():
-            out[name] = timed_windows(fn, **kw)
-        base = out[f"generate_b{batch}_cache"]["median"]
+        out.update(interleaved_windows(runs, **kw))
         for name in runs:
-            out[f"ratio_{name}_vs_cache"] = out[name]["median"] / base
-        out[f"ratio_b{batch}_gather_once_vs_per_forward"] = (out[f"own_b{batch}_zero3"]["median"]
-                                                           / out[f"zero3_per_forward_b{batch}"]["median"])
+            out[f"ratio_{name}_vs_cache"] = paired_ratio(out[name], out[f"generate_b{batch}_cache"])
+        out[f"ratio_b{batch}_gather_once_vs_per_forward"] = paired_ratio(out[f"own_b{batch}_zero3"],
+                                                                         out[f"zero3_per_forward_b{batch}"])
     return out
 
 
