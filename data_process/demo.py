@@ -14,7 +14,6 @@ Allocation (counts at --demo_scale 1; every count is scaled):
               themselves (length-matched couples, same split); 4000 paragraphs -> T2 6000 (up to 2
               sentences per paragraph), T3 3000
   prompts     T5 300+300 topics, T6 300+300 prefixes
-  sft         then T1 1500+1500 more, from the reviews still unused
   pretrain    every remaining unit (with --pretrain_task_text also the SFT and preference train units)
 Paragraph sentences that occur in more than one paragraph (or in a reserved one) are never task items.
 """
@@ -216,7 +215,11 @@ class DemoBuilder:
                      classify_written: bool = False) -> None:
         """T1, T4, T5 and T6 examples (SFT or eval) drawn from the pools; with `classify_written` also T1
         examples of the reviews T4-T6 used."""
-        self.sentiment_tasks(pos, neg, counts["t1"], to_eval)
+        # T1 in length-matched positive/negative couples: negative reviews are shorter, and the pairs above
+        # take the long ones, so unmatched draws let a model read the label off the length
+        for couple in self.match_lengths(pos.take(self.n(counts["t1"])), pos, neg):
+            for r in couple:
+                self.task("t1_sentiment", T1.format(review=r.text), LABELS[r.label], r.text, to_eval)
         written: list[Review] = []
         for cat in CATEGORIES:
             for r in pos.take(self.n(counts["t4"]), lambda u, c=cat: u.cat == c):
@@ -240,14 +243,6 @@ class DemoBuilder:
             for couple in self.match_lengths(mine_pos.take(len(mine_pos.units)), mine_pos, mine_neg):
                 for r in couple:
                     self.task("t1_sentiment", T1.format(review=r.text), LABELS[r.label], r.text, to_eval)
-
-    def sentiment_tasks(self, pos: Pool, neg: Pool, count: int, to_eval: bool) -> None:
-        """T1 on `count` positive reviews and as many negative ones. Drawn in length-matched couples:
-        negative reviews are shorter, and the pairs take the long ones, so unmatched draws would let a model
-        read the label off the length."""
-        for couple in self.match_lengths(pos.take(self.n(count)), pos, neg):
-            for r in couple:
-                self.task("t1_sentiment", T1.format(review=r.text), LABELS[r.label], r.text, to_eval)
 
     @staticmethod
     def match_lengths(picked: list[Review], source: Pool, pool: Pool, pred=lambda u: True) -> list[tuple[Review, Review]]:
@@ -346,9 +341,6 @@ class DemoBuilder:
         self.review_pairs(pos, neg, 600, 300, False)
         self.review_tasks(pos, neg, False, sft_counts, classify_written=True)
         self.ppo_prompts(pos, neg, 300, False)
-        # more T1 from the reviews otherwise left to pretraining; drawn after the prompts, which need
-        # reviews of a known category (drawn before them, it left 899 prompts instead of 1,200)
-        self.sentiment_tasks(pos, neg, 1500, False)
 
         paras = Pool(paragraphs)
         eval_paras = paras.take(self.n(300), lambda p: bool(p.sentences))
