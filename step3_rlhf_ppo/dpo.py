@@ -31,6 +31,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+import torch.nn.functional as F
 
 from utils.chat import PaddedCollator, render_chat
 from utils.config import TrainConfig, option, require
@@ -38,7 +39,7 @@ from utils.data import check_lengths, sharded_eval_batches
 from utils.dist import barrier, get_device, get_rank, get_world_size, is_rank0
 from utils.errors import UserError, main_guard
 from utils.log import read_metrics
-from utils.losses import IGNORE_INDEX, label_logps, preference_loss, sequence_logps
+from utils.losses import IGNORE_INDEX, preference_loss, sequence_logps
 from utils.model import check_model_dir, load_causal_lm
 from utils.preference import Pair, load_pairs
 from utils.step import load_tokenizer, prepare_model, start, train_and_export
@@ -202,7 +203,8 @@ def policy_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=batch["position_ids"], use_cache=False,  # (P, 2S, V): the head runs only there
                        logits_to_keep=batch["score_from"].view(pairs, 2 * scored)).logits
-        token_logps = label_logps(logits, labels).view(pairs, 2, scored)
+        token_logps = -F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                       reduction="none").view(pairs, 2, scored)
         logps, lengths = token_logps.sum(-1), (batch["score_labels"] != IGNORE_INDEX).sum(-1)
         return logps[:, 0], logps[:, 1], lengths[:, 0], lengths[:, 1]
     labels = batch["labels"]

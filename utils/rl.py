@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from utils.dist import get_world_size
-from utils.losses import label_logps
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -44,7 +43,8 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
     Logits are divided by the sampling temperature, so the log-probs are those of the distribution the
     tokens were drawn from (top-k/top-p truncation is not applied, as in TRL and DeepSpeed-Chat)."""
-    return label_logps(logits.float() / temperature, tokens)
+    logps = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logps.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
