@@ -33,7 +33,7 @@ def timed_windows(step: Callable[[], float], *, steps: int, windows: int, warmup
                   max_foreign: float) -> dict[str, float]:
     """Run `warmup` steps, then `windows` windows of `steps` steps; `step()` returns the work it did
     (tokens). Windows where other processes used more than max_foreign x the window's length are redone
-    (at most 3 times each)."""
+    (at most 3 x windows redos in all)."""
     return interleaved_windows({"run": step}, steps=steps, windows=windows, warmup=warmup,
                                max_foreign=max_foreign)["run"]
 
