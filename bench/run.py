@@ -9,8 +9,10 @@ used meanwhile (from /proc) and a window disturbed by more than --max_foreign of
 Results: bench/results/<name>.json (gitignored) and a table printed for docs/BENCHMARKS.md.
 
 Suites:
-  train       tokens/s of one optimizer step on the tiny preset (seq 256, micro batch 8, fp32, random tokens):
-              plain PyTorch loop, our loop (utils.trainer) under ZeRO 0-3, transformers Trainer; MFU.
+  train       tokens/s of one optimizer step on the tiny and small presets (--presets; seq 256, micro batch 8,
+              fp32, random tokens): plain PyTorch loop, our loop (utils.trainer) under ZeRO 0-3, transformers
+              Trainer; MFU. On a CPU with native bf16 (where --dtype auto means bf16) also our loop at auto
+              precision and the plain loop under bf16 autocast, against fp32 Trainer.
   generate    new tokens/s of HF generate with and without KV cache, and of PPO's own generation path
               (utils.hybrid) at ZeRO-0 and ZeRO-3 (weights gathered once), against generate on the
               ZeRO-3-partitioned module (gathered in every forward); batch 1 and 8 (prompt 32, 128 new
@@ -65,13 +67,15 @@ log = logging.getLogger("bench")
 # Suite: training throughput
 
 
-def plain_step_fn() -> Callable[[], float]:
-    model = tiny_model().train()
+def plain_step_fn(preset: str = "tiny", autocast: bool = False) -> Callable[[], float]:
+    """The plain PyTorch loop: forward, loss, backward, torch AdamW; under CPU bf16 autocast if asked."""
+    model = tiny_model(preset=preset).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = random_batch()
 
     def step() -> float:
-        loss = model(**batch, use_cache=False).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**batch, use_cache=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -79,44 +83,61 @@ def plain_step_fn() -> Callable[[], float]:
     return step
 
 
-def our_lm_step_fn(stage: int) -> Callable[[], float]:
-    """One optimizer step of utils.trainer's loop on the LM loss at ZeRO `stage`."""
+def our_lm_step_fn(stage: int, preset: str = "tiny", dtype: str = "fp32") -> Callable[[], float]:
+    """One optimizer step of utils.trainer's loop on the LM loss at ZeRO `stage` and --dtype `dtype`."""
     from utils.config import TrainConfig
     from utils.data import stack_collate
     from utils.lm import CausalLMTask
 
     cfg = TrainConfig(output_dir="/tmp/bench-run", zero_stage=stage, per_device_train_batch_size=MICRO,
-                      max_seq_len=SEQ, eval_interval=0, save_interval=0, enable_tensorboard=False, dtype="fp32")
+                      max_seq_len=SEQ, eval_interval=0, save_interval=0, enable_tensorboard=False, dtype=dtype)
     data = [{k: v[j] for k, v in random_batch(i).items()} for i in range(64) for j in range(MICRO)]
-    step = our_loop_step_fn(tiny_model(), CausalLMTask([], stack_collate, MICRO, 0), data, stack_collate, cfg)
+    step = our_loop_step_fn(tiny_model(preset=preset), CausalLMTask([], stack_collate, MICRO, 0), data,
+                            stack_collate, cfg)
     return lambda: float(step()["tokens"])
 
 
-def hf_trainer_step_fn() -> Callable[[], float]:
+def hf_trainer_step_fn(preset: str = "tiny") -> Callable[[], float]:
     from transformers import Trainer, TrainingArguments
 
-    model = tiny_model()
+    model = tiny_model(preset=preset)
     data = [{k: v[j] for k, v in random_batch(i).items()} for i in range(64) for j in range(MICRO)]
     trainer = Trainer(model=model, args=hf_args(TrainingArguments, "/tmp/bench-hf", MICRO), train_dataset=data)
     return hf_style_step_fn(trainer, model, float(MICRO * SEQ))
 
 
-def suite_train(args) -> dict:
+def train_preset(preset: str, kw: dict, peak: float) -> dict:
+    """The train suite on one preset: every run's tokens/s, interleaved; ratios to the plain loop and of our
+    ZeRO-0 loop to Trainer; MFU. Where --dtype auto resolves to bf16 (a CPU with native bf16), also our
+    ZeRO-0 loop at auto precision and the plain loop under bf16 autocast, each against fp32 Trainer."""
+    from utils.dist import choose_precision
     from utils.model import count_parameters, flops_per_token
 
-    kw = {"steps": args.steps, "windows": args.windows, "warmup": 3, "max_foreign": args.max_foreign}
-    out: dict = {"config": {"preset": "tiny", "seq": SEQ, "micro_batch": MICRO, "dtype": "fp32",
-                            "timing": "windows interleaved; ratios are medians of per-round ratios"}}
-    runs = {"plain": plain_step_fn(), **{f"ours_zero{stage}": our_lm_step_fn(stage) for stage in (0, 1, 2, 3)},
-            "hf_trainer": hf_trainer_step_fn()}
+    auto = choose_precision("auto").name
+    runs = {"plain": plain_step_fn(preset),
+            **{f"ours_zero{stage}": our_lm_step_fn(stage, preset) for stage in (0, 1, 2, 3)},
+            "hf_trainer": hf_trainer_step_fn(preset)}
+    if auto != "fp32":
+        runs.update({"ours_zero0_auto": our_lm_step_fn(0, preset, "auto"), "plain_autocast": plain_step_fn(preset, True)})
+    out: dict = {"auto_precision": auto}
     out.update(interleaved_windows(runs, **kw))
-    model = tiny_model()
+    model = tiny_model(preset=preset)
     fpt = flops_per_token(count_parameters(model), model.config.num_hidden_layers, model.config.hidden_size, SEQ)
-    peak = matmul_peak()
+    out["parameters"] = count_parameters(model)
     out["ratios"] = {name: paired_ratio(out[name], out["plain"]) for name in runs}
     out["ratios"]["ours_zero0_vs_hf_trainer"] = paired_ratio(out["ours_zero0"], out["hf_trainer"])
-    out["mfu"] = {name: out[name]["median"] * fpt / peak for name in runs}
-    out["peak_flops"] = peak
+    if auto != "fp32":
+        out["ratios"]["ours_zero0_auto_vs_hf_trainer"] = paired_ratio(out["ours_zero0_auto"], out["hf_trainer"])
+    out["mfu"] = {name: out[name]["median"] * fpt / peak for name in runs if not name.endswith(("auto", "autocast"))}
+    return out
+
+
+def suite_train(args) -> dict:
+    kw = {"steps": args.steps, "windows": args.windows, "warmup": 3, "max_foreign": args.max_foreign}
+    out: dict = {"config": {"presets": list(args.presets), "seq": SEQ, "micro_batch": MICRO, "dtype": "fp32",
+                            "timing": "windows interleaved per preset; ratios are medians of per-round ratios"}}
+    out["peak_flops"] = peak = matmul_peak()  # MFU is against fp32 matmul
+    out["presets"] = {preset: train_preset(preset, kw, peak) for preset in args.presets}
     return out
 
 
@@ -275,6 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", nargs="+", choices=sorted(SUITES), default=sorted(SUITES))
     parser.add_argument("--windows", type=int, default=3, help="timed windows per figure (median reported)")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per training window")
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"], help="model presets of the train suite")
     parser.add_argument("--demo", default=str(Path(__file__).resolve().parent.parent / "outputs" / "demo"),
                         help="a make demo output dir (the ppo suite uses its SFT and reward-model exports)")
     parser.add_argument("--max_foreign", type=float, default=0.05,
