@@ -13,6 +13,9 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 
 SEQ, MICRO = 256, 8
+# the CPU features that decide matmul speed and precision, recorded with every result
+MATH_FLAGS = frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+                        "amx_int8"})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -95,9 +98,10 @@ def matmul_peak() -> float:
 def environment() -> dict:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
         cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.processor())
-    from utils.dist import cpu_has_fast_bf16
+    from utils.dist import cpu_flags, cpu_has_fast_bf16
 
     return {"cpu": cpu, "cores": os.cpu_count(), "fast_bf16": cpu_has_fast_bf16(), "threads": torch.get_num_threads(),
+            "cpu_flags": sorted(cpu_flags() & MATH_FLAGS),
             "python": platform.python_version(),
             "packages": {p: _version(p) for p in ("torch", "deepspeed", "transformers", "trl")},
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "date": time.strftime("%Y-%m-%d %H:%M")}

@@ -41,7 +41,8 @@ def table(header: list[str], rows: list[list]) -> str:
 
 def env_line(env: dict) -> str:
     packages = ", ".join(f"{k} {v}" for k, v in env["packages"].items())
-    return (f"{env['cpu']}, {env['cores']} cores, {env['threads']} torch threads, fast bf16: {env['fast_bf16']}; "
+    flags = f" ({' '.join(env['cpu_flags']) or 'none of avx2/avx512/amx'})" if "cpu_flags" in env else ""
+    return (f"{env['cpu']}{flags}, {env['cores']} cores, {env['threads']} torch threads, fast bf16: {env['fast_bf16']}; "
             f"{packages}; GLIBC_TUNABLES={env['glibc_tunables'] or '(unset)'}; {env['date']} UTC.")
 
 
