@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: timed windows with a foreign-load check, the tiny model and random
+"""Shared pieces of the benchmarks: timed windows with a foreign-load check, the preset models and random
 batches every suite starts from, and the environment record."""
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def paired_ratio(a: dict, b: dict) -> dict[str, float]:
 # Models and data
 
 
-def tiny_model(seed: int = 0, preset: str = "tiny"):
+def bench_model(seed: int = 0, preset: str = "tiny"):
     """A preset's model (tiny unless asked) with the bench's 8,192-token vocabulary."""
     from utils.model import create_causal_lm
 

@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 
 from bench.common import (
+    bench_model,
     hf_args,
     hf_style_step_fn,
     interleaved_windows,
     our_loop_step_fn,
     paired_ratio,
-    tiny_model,
 )
 
 PAD = 4  # outside the random ids (5..8191)
@@ -43,7 +43,7 @@ def _ids(n: int, length: int, seed: int) -> list[list[int]]:
 def _saved_tiny(root: Path) -> Path:
     """The tiny model saved as a causal-LM export (what step 2 and DPO start from)."""
     out = root / "tiny"
-    tiny_model().save_pretrained(out)
+    bench_model().save_pretrained(out)
     return out
 
 

@@ -44,6 +44,7 @@ import torch
 from bench.common import (
     MICRO,
     SEQ,
+    bench_model,
     environment,
     hf_args,
     hf_style_step_fn,
@@ -53,7 +54,6 @@ from bench.common import (
     paired_ratio,
     random_batch,
     timed_windows,
-    tiny_model,
 )
 from bench.data import suite_data
 from bench.preference import suite_dpo, suite_rm
@@ -69,7 +69,7 @@ log = logging.getLogger("bench")
 
 def plain_step_fn(preset: str = "tiny", autocast: bool = False) -> Callable[[], float]:
     """The plain PyTorch loop: forward, loss, backward, torch AdamW; under CPU bf16 autocast if asked."""
-    model = tiny_model(preset=preset).train()
+    model = bench_model(preset=preset).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = random_batch()
 
@@ -92,7 +92,7 @@ def our_lm_step_fn(stage: int, preset: str = "tiny", dtype: str = "fp32") -> Cal
     cfg = TrainConfig(output_dir="/tmp/bench-run", zero_stage=stage, per_device_train_batch_size=MICRO,
                       max_seq_len=SEQ, eval_interval=0, save_interval=0, enable_tensorboard=False, dtype=dtype)
     data = [{k: v[j] for k, v in random_batch(i).items()} for i in range(64) for j in range(MICRO)]
-    step = our_loop_step_fn(tiny_model(preset=preset), CausalLMTask([], stack_collate, MICRO, 0), data,
+    step = our_loop_step_fn(bench_model(preset=preset), CausalLMTask([], stack_collate, MICRO, 0), data,
                             stack_collate, cfg)
     return lambda: float(step()["tokens"])
 
@@ -100,7 +100,7 @@ def our_lm_step_fn(stage: int, preset: str = "tiny", dtype: str = "fp32") -> Cal
 def hf_trainer_step_fn(preset: str = "tiny") -> Callable[[], float]:
     from transformers import Trainer, TrainingArguments
 
-    model = tiny_model(preset=preset)
+    model = bench_model(preset=preset)
     data = [{k: v[j] for k, v in random_batch(i).items()} for i in range(64) for j in range(MICRO)]
     trainer = Trainer(model=model, args=hf_args(TrainingArguments, "/tmp/bench-hf", MICRO), train_dataset=data)
     return hf_style_step_fn(trainer, model, float(MICRO * SEQ))
@@ -121,7 +121,7 @@ def train_preset(preset: str, kw: dict, peak: float) -> dict:
         runs.update({"ours_zero0_auto": our_lm_step_fn(0, preset, "auto"), "plain_autocast": plain_step_fn(preset, True)})
     out: dict = {"auto_precision": auto}
     out.update(interleaved_windows(runs, **kw))
-    model = tiny_model(preset=preset)
+    model = bench_model(preset=preset)
     fpt = flops_per_token(count_parameters(model), model.config.num_hidden_layers, model.config.hidden_size, SEQ)
     out["parameters"] = count_parameters(model)
     out["ratios"] = {name: paired_ratio(out[name], out["plain"]) for name in runs}
@@ -155,7 +155,7 @@ class _GenTokenizer:
 
 
 def hf_generate_fn(ids: torch.Tensor, new: int, cache: bool) -> Callable[[], float]:
-    model = tiny_model().eval()
+    model = bench_model().eval()
 
     def step() -> float:
         with torch.no_grad():
@@ -174,7 +174,7 @@ def own_generate_fn(ids: torch.Tensor, new: int, stage: int) -> Callable[[], flo
     from utils.hybrid import GenerationSwitch
 
     cfg = TrainConfig(output_dir="/tmp/bench-gen", zero_stage=stage, per_device_train_batch_size=ids.shape[0])
-    engine = init_engine(tiny_model(), cfg, choose_precision("fp32"), 10)
+    engine = init_engine(bench_model(), cfg, choose_precision("fp32"), 10)
     switch = GenerationSwitch(engine, _GenTokenizer(), stage, use_hybrid_engine=False, lora_scale=None)
     sampling = SamplingConfig(max_new_tokens=new, temperature=1.0)
     mask = torch.ones_like(ids)
@@ -192,7 +192,7 @@ def per_forward_generate_fn(ids: torch.Tensor, new: int) -> Callable[[], float]:
     from utils.engine import init_engine
 
     cfg = TrainConfig(output_dir="/tmp/bench-gen", zero_stage=3, per_device_train_batch_size=ids.shape[0])
-    engine = init_engine(tiny_model(), cfg, choose_precision("fp32"), 10)
+    engine = init_engine(bench_model(), cfg, choose_precision("fp32"), 10)
     engine.eval()
     mask = torch.ones_like(ids)
 
