@@ -77,11 +77,11 @@ def paired_ratio(a: dict, b: dict) -> dict[str, float]:
 # Models and data
 
 
-def bench_model(seed: int = 0, preset: str = "tiny"):
+def bench_model(seed: int = 0, preset: str = "tiny", max_positions: int = 2048):
     """A preset's model (tiny unless asked) with the bench's 8,192-token vocabulary."""
     from utils.model import create_causal_lm
 
-    return create_causal_lm(preset, 8192, 2048, seed=seed)
+    return create_causal_lm(preset, 8192, max_positions, seed=seed)
 
 
 def random_batch(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -43,17 +43,17 @@ def measure_training(preset: str, seq: int, micro: int, steps: int, windows: int
     """(in the child) tokens/s, MFU and peak RSS of our loop on `preset` at (micro, seq)."""
     import torch
 
-    from bench.common import our_loop_step_fn, timed_windows
+    from bench.common import bench_model, our_loop_step_fn, timed_windows
     from utils.config import TrainConfig
     from utils.data import stack_collate
     from utils.dist import init_distributed
     from utils.lm import CausalLMTask
     from utils.log import peak_rss_mib
-    from utils.model import count_parameters, create_causal_lm, flops_per_token
+    from utils.model import count_parameters, flops_per_token
     from utils.trainer import measure_peak_flops
 
     init_distributed()
-    model = create_causal_lm(preset, 8192, max(seq, 2048), seed=0)
+    model = bench_model(preset=preset, max_positions=max(seq, 2048))
     n_params = count_parameters(model)
     fpt = flops_per_token(n_params, model.config.num_hidden_layers, model.config.hidden_size, seq)
     gen = torch.Generator().manual_seed(0)
