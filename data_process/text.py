@@ -1,9 +1,12 @@
 """Text normalisation and the content keys used for deduplication and for the reserved-line exclusion.
 
-Every text that enters a dataset goes through `normalize`: Unicode NFKC (full-width digits, letters and
-punctuation become half-width, so People's Daily's "１９９８" and the reviews' "1998" are one string),
-control and zero-width characters removed, whitespace runs collapsed, optionally traditional characters
-mapped to simplified ones (OpenCC's t2s conversion).
+Every text that enters a dataset goes through `normalize`: control and zero-width characters removed, the
+toolkit's character normalisation (utils.text: NFKC that keeps Chinese punctuation Chinese, the same rule
+the exported tokenizer applies to what users type), whitespace runs collapsed, optionally traditional
+characters mapped to simplified ones (OpenCC's t2s conversion).
+
+Deduplication and the reserved-line exclusion compare texts under `squash` (plain NFKC, no whitespace,
+lower case), the form the reserved-line hashes were made with.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 import xxhash
 
 from utils.errors import UserError
+from utils.text import fold_characters
 
 # Unicode categories dropped outright: Cc control (tab and newline are handled as whitespace first),
 # Cf format (zero-width space/joiners, BOM, bidi marks), Co private use, Cs lone surrogates.
@@ -57,10 +61,10 @@ def to_simplified(text: str) -> str:
 
 
 def normalize(text: str, simplified: bool = False) -> str:
-    """The canonical form of a text: NFKC, no invisible characters, single spaces, at most one blank line
-    between paragraphs, no leading/trailing whitespace on any line."""
-    text = unicodedata.normalize("NFKC", text.replace("\r\n", "\n").replace("\r", "\n"))
-    text = _drop_invisible(text)
+    """The canonical form of a text: no invisible characters, `fold_characters`, single spaces, at most one
+    blank line between paragraphs, no leading/trailing whitespace on any line."""
+    text = _drop_invisible(text.replace("\r\n", "\n").replace("\r", "\n"))
+    text = fold_characters(text)
     if simplified:
         text = to_simplified(text)
     text = _SPACES.sub(" ", text)

@@ -100,17 +100,18 @@ class UserBuilder:
         return stats
 
 
-def build_user(inputs: list[str], txt_mode: str, opts: CleanOptions, workdir: Path, root: Path, seed: int,
-               data_split: list[float], eval_ratio: float, validation_ratio: float,
+def build_user(inputs: list[str], columns: list[str], txt_mode: str, opts: CleanOptions, workdir: Path, root: Path,
+               seed: int, data_split: list[float], eval_ratio: float, validation_ratio: float,
                pretrain_validation_ratio: float) -> dict[str, Any]:
-    """Read, clean and route every user row; return the stats. Structured rows skip the boilerplate
-    filter (a shared instruction line is not boilerplate) and each kind dedups on its own."""
+    """Read (through each input's --columns mapping or preset), clean and route every user row; return the
+    stats. Structured rows skip the boilerplate filter (a shared instruction line is not boilerplate) and
+    each kind dedups on its own."""
     record_opts = CleanOptions(**{**opts.__dict__, "boilerplate_max_repeats": 0})
     cleaners = {kind: Cleaner(opts if kind == "pretrain" else record_opts, workdir / kind)
                 for kind in ("pretrain", "sft", "preference", "prompts")}
 
     def docs(kind_filter: str | None = None):
-        for record in read_records(inputs, txt_mode):
+        for record in read_records(inputs, txt_mode, columns):
             if kind_filter and record.kind != kind_filter:
                 continue
             if record.kind == "pretrain":

@@ -7,6 +7,9 @@ character outside the vocabulary into its UTF-8 bytes (no <unk>). Digits are spl
 The fast tokenizer is built from the model proto itself (vocab = pieces in id order, BPE merges ranked by
 the id of the merged piece, which is SentencePiece BPE's own merge order), with a pre-tokenizer that
 reproduces SentencePiece's splitting (whitespace becomes a "▁" prefix of the next word; every digit alone).
+Its normalizer is utils.text's character normalisation, the rule data_process applied to the training text:
+what a user types ("好!", "１９９８", a full-width ，) reaches the model in the form it was trained on, so
+decode(encode(x)) == x holds for normalised text (everything step 0 and later steps train on).
 `LlamaTokenizer(vocab_file=...)` is not used: in transformers 5 it silently builds a 3-token vocab.
 """
 
@@ -24,6 +27,7 @@ from transformers import PreTrainedTokenizerFast
 from transformers.utils import sentencepiece_model_pb2_new as sp_pb2
 
 from utils.errors import UserError
+from utils.text import CJK_PUNCTUATION, text_normalizer
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +52,18 @@ def min_vocab_size() -> int:
     return 1 + len(SPECIAL_TOKENS) + NUM_BYTE_PIECES + 64
 
 
-def within_budget(lines: Iterable[str], char_counts: Counter[str], max_chars: int) -> Iterator[str]:
-    """The training lines cut into fragments at characters outside the `max_chars` most frequent ones.
+def within_budget(lines: Iterable[str], char_counts: Counter[str], max_chars: int,
+                  required: str = "") -> Iterator[str]:
+    """The training lines cut into fragments at characters outside the `max_chars` most frequent ones
+    (`required` characters are always kept).
 
     SentencePiece needs one piece per character it covers and covers at least 98% of the text, which a
     small vocab cannot hold for Chinese; rare characters are left to byte fallback instead."""
     if len(char_counts) <= max_chars:
         yield from lines
         return
-    rare = "".join(sorted(c for c, _ in char_counts.most_common()[max_chars:]))
+    keep = set(required)
+    rare = "".join(sorted(c for c, _ in char_counts.most_common()[max_chars:] if c not in keep))
     splitter = re.compile(f"[{re.escape(rare)}]+")
     for line in lines:
         yield from (part for part in splitter.split(line) if part)
@@ -73,10 +80,12 @@ def train_sentencepiece(lines: Iterable[str], char_counts: Counter[str], model_p
     char_budget = vocab_size - reserved if max_piece_length == 1 else (vocab_size - reserved) // 2
     log.info("training SentencePiece BPE: vocab %d, %d distinct characters (at most %d get a piece)",
              vocab_size, len(char_counts), char_budget)
+    required = "".join(c for c in CJK_PUNCTUATION if c in char_counts)  # what users type gets a piece
     spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=within_budget(lines, char_counts, char_budget), model_prefix=str(model_prefix),
+            sentence_iterator=within_budget(lines, char_counts, char_budget, required), required_chars=required,
+            model_prefix=str(model_prefix),
             model_type="bpe", vocab_size=vocab_size, character_coverage=character_coverage,
             byte_fallback=True, split_digits=True, normalization_rule_name="identity", add_dummy_prefix=False,
             remove_extra_whitespaces=False, split_by_unicode_script=False,
@@ -104,6 +113,7 @@ def fast_tokenizer_from_sp(model_file: Path) -> PreTrainedTokenizerFast:
                   if piece[:k] in vocab and piece[k:] in vocab]
         merges.extend(sorted(splits, key=lambda ab: (vocab[ab[0]], vocab[ab[1]])))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK, byte_fallback=True, fuse_unk=True))
+    tok.normalizer = text_normalizer()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never", split=True),
         pre_tokenizers.Digits(individual_digits=True),

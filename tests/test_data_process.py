@@ -39,8 +39,14 @@ def clean(texts: list[str], tmp_path: Path, **opts) -> tuple[list[str], dict]:
 # normalisation and each filter
 
 
-def test_normalize_nfkc_invisible_and_whitespace():
-    assert normalize("１９９８年ＡＢＣ，（附图）") == "1998年ABC,(附图)"
+def test_normalize_folds_width_keeps_chinese_punctuation_drops_invisible_and_whitespace():
+    assert normalize("１９９８年ＡＢＣ，（附图）") == "1998年ABC，（附图）"  # digits/letters fold, marks stay Chinese
+    assert normalize("评论:房间很好,服务一般!!!真的吗?") == "评论：房间很好，服务一般！！！真的吗？"  # typed after Chinese
+    assert normalize("好……～；") == "好……～；"  # NFKC would make these "......~;"
+    assert normalize("Hello, world! 3,000 at 10:30; ok?") == "Hello, world! 3,000 at 10:30; ok?"  # not after Chinese
+    assert normalize("他说：“好!”") == "他说：“好！”" and normalize("OK，好") == "OK，好"
+    text = "评论:房间１２３号,服务一般!!!ＯＫ,好吗?"
+    assert normalize(normalize(text)) == normalize(text)  # idempotent
     assert normalize("a\u200bb\u200dc\ufeffd\x07e") == "abcde"  # zero-width, BOM, control
     assert normalize("  a \t\u3000 b  \r\n\n\n\n  c  ") == "a b\n\nc"
     assert normalize("這個東西很好", simplified=True) == "这个东西很好"
@@ -69,7 +75,7 @@ def test_boilerplate_lines_are_removed_and_counted(tmp_path):
     footer = "免费注册 网站导航 宾馆索引 服务说明"
     texts = [f"第{i}家酒店的房间很干净，服务热情周到。\n{footer}" for i in range(4)] + [footer] * 3
     kept, stats = clean(texts, tmp_path, boilerplate_max_repeats=5, near_dup_threshold=0)
-    assert kept == [f"第{i}家酒店的房间很干净,服务热情周到。" for i in range(4)]
+    assert kept == [f"第{i}家酒店的房间很干净，服务热情周到。" for i in range(4)]
     assert stats["removed"]["boilerplate"] == 3
     kept, _ = clean(texts, tmp_path / "off", boilerplate_max_repeats=0, near_dup_threshold=0)
     assert len(kept) == 5  # footer-only documents are now plain exact duplicates of each other
@@ -87,7 +93,7 @@ def test_patterns_and_urls(tmp_path):
 def test_exact_duplicates_after_normalisation(tmp_path):
     kept, stats = clean(["ＡＢＣ　这本书很好看", "abc 这本书很好看", "abc这本书很好看!", "另一条完全不同的评论"],
                         tmp_path, near_dup_threshold=0)
-    assert kept == ["ABC 这本书很好看", "abc这本书很好看!", "另一条完全不同的评论"]
+    assert kept == ["ABC 这本书很好看", "abc这本书很好看！", "另一条完全不同的评论"]
     assert stats["removed"]["exact_duplicate"] == 1
 
 
@@ -166,7 +172,7 @@ def test_user_files_every_format_and_routing(tmp_path):
               "--eval_ratio", "0.1", "--validation_ratio", "0.1", "--min_chars", "3", "--near_dup_threshold", "0"])
     pretrain = load(out, "pretrain")
     texts = set(pretrain["train"]["text"]) | set(pretrain["validation"]["text"])
-    assert len(texts) == 50 and f"{docs[20]}\n第二行0" in texts  # paragraphs keep their line break
+    assert len(texts) == 50 and f"{normalize(docs[20])}\n第二行0" in texts  # paragraphs keep their line break
     sft, pref, prompts = load(out, "sft"), load(out, "preference"), load(out, "prompts")
     stats = json.loads((out / "stats.json").read_text())
     n_eval = sum(stats["eval"].values())
@@ -348,8 +354,22 @@ def test_demo_layout_and_stats(demo):
     assert sft.features == FEATURES["sft"]
     assert set(load(demo, "preference")["train"]["kind"]) == {"review_sentiment", "corrupted_answer"}
     assert set(stats["eval"]) == {"preference", "prompts", "t1_sentiment", "t2_segmentation", "t3_ner",
-                                  "t4_positive_review", "t5_review", "t6_continue"}
+                                  "t4_positive_review", "t5_review", "t6_continue", "t1_sentiment_typed",
+                                  "t2_segmentation_typed", "t3_ner_typed"}
     assert stats["sft"]["train"] > 10_000 and stats["prompts"]["train"] == 1200
+
+
+def test_typed_eval_twins_hold_the_same_items_with_user_typed_punctuation(demo):
+    """eval/<task>_typed.jsonl: the items of eval/<task>.jsonl in the same order, the same references, each
+    prompt retyped with half-width marks that normalise back to the Chinese ones after Chinese text."""
+    for task in ("t1_sentiment", "t2_segmentation", "t3_ner"):
+        rows = [json.loads(line) for line in (demo / "eval" / f"{task}.jsonl").read_text().splitlines()]
+        typed = [json.loads(line) for line in (demo / "eval" / f"{task}_typed.jsonl").read_text().splitlines()]
+        assert [r["reference"] for r in typed] == [r["reference"] for r in rows] and len(rows) == 300
+        changed = [t["prompt"] for r, t in zip(rows, typed, strict=True) if t["prompt"] != r["prompt"]]
+        assert len(changed) > 0.95 * len(rows)  # mixed typing may keep every mark of a prompt Chinese
+        assert all(set(p) & set(",:.\"") for p in changed)
+        assert sum(set(p) & set("，：。“") != set() for p in changed) > 0.2 * len(rows)  # mixed typing too
 
 
 def test_demo_answers_follow_the_task_formats(demo):

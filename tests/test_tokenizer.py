@@ -1,5 +1,6 @@
-"""step0_tokenizer: the HF tokenizer equals SentencePiece id for id, round-trips every line of the demo
-corpus, renders ChatML, and the packed token files hold exactly the pretraining text."""
+"""step0_tokenizer: the HF tokenizer equals SentencePiece id for id on normalised text, applies the toolkit's
+normalisation to raw text itself, round-trips every line of the demo corpus, has a piece for the Chinese
+punctuation users type, renders ChatML, and the packed token files hold exactly the pretraining text."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from data_process.main import main as data_main
 from step0_tokenizer.main import main as step0_main
 from step0_tokenizer.pack import token_dtype
 from step0_tokenizer.spm import SPECIAL_TOKENS, within_budget
+from utils.text import CJK_PUNCTUATION, fold_characters
 
 VOCAB = 512
 EDGE_CASES = ["😀👍🏽 emoji", "𠀀𪚥 rare CJK", "a  b\t\tc  ", "\n\nline\n", "  leading", "trailing  ",
@@ -67,19 +69,48 @@ def test_fast_tokenizer_and_special_tokens(tok, sp):
 
 
 def test_hf_equals_sentencepiece_and_round_trips_the_whole_demo_corpus(tok, sp, built):
+    """Raw text through the HF tokenizer == its normalised form through SentencePiece (trained on normalised
+    text, with no normaliser of its own), and decoding gives the normalised text back."""
     corpus = demo_corpus() + EDGE_CASES
     pretrain = datasets.load_from_disk(str(built / "data" / "pretrain"))
     corpus += list(pretrain["train"]["text"]) + list(pretrain["validation"]["text"])
     assert len(corpus) > 50_000
+    folded = [fold_characters(c) for c in corpus]
     hf_ids = [e.ids for e in tok.backend_tokenizer.encode_batch(corpus, add_special_tokens=False)]
-    sp_ids = sp.encode(corpus)
+    sp_ids = sp.encode(folded)
     mismatches = [c for c, a, b in zip(corpus, hf_ids, sp_ids, strict=True) if a != b]
     assert not mismatches, mismatches[:3]
     decoded = tok.backend_tokenizer.decode_batch(hf_ids, skip_special_tokens=False)
-    broken = [c for c, d in zip(corpus, decoded, strict=True) if c != d]
+    broken = [c for c, d in zip(folded, decoded, strict=True) if c != d]
     assert not broken, broken[:3]
     assert tok.unk_token_id not in {i for ids in hf_ids for i in ids}  # byte fallback: nothing is unknown
-    assert [tok.decode(tok.encode(x)) for x in EDGE_CASES] == EDGE_CASES  # the public API agrees
+    assert [tok.decode(tok.encode(x)) for x in EDGE_CASES] == [fold_characters(x) for x in EDGE_CASES]
+    assert tok.decode(tok.encode("１２３４５ full width")) == "12345 full width"
+
+
+# prompts as Chinese users type them: full-width marks, half-width marks after Chinese, and both mixed
+USER_PROMPTS = ["你好！", "这家酒店怎么样？", "这家酒店怎么样?", "评论：房间很干净，服务也好！", "评论:房间很干净,服务也好!",
+                "请对下面的句子进行分词：我爱北京天安门。", "他说：“今天天气不错。”", "（附图）", "真的吗？？", "好吧……",
+                "优点:屏幕大;缺点：电池不行", "价格３０００元，还行"]
+
+
+def test_user_typed_punctuation_has_pieces_and_both_widths_meet(tok, built):
+    """Every common Chinese mark of the training text is one piece (no byte fallback), user prompts have no
+    byte pieces, and half-width marks typed after Chinese text give the same ids as the full-width ones."""
+    byte_ids = {i for i in range(len(tok)) if tok.convert_ids_to_tokens(i).startswith("<0x")}
+    seen = set("".join(datasets.load_from_disk(str(built / "data" / "pretrain"))["train"]["text"]))
+    assert set("，。！？：；、“”（）《》") <= seen  # the demo slice has them, in Chinese form
+    for mark in (m for m in CJK_PUNCTUATION if m in seen):
+        ids = tok.encode(mark)
+        assert not byte_ids & set(ids), (mark, tok.convert_ids_to_tokens(ids))
+    for prompt in USER_PROMPTS:  # this 512-token vocab lacks many characters, but no mark goes to bytes
+        enc = tok(prompt, return_offsets_mapping=True)
+        spans = zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+        as_bytes = "".join(prompt[a:b] for i, (a, b) in spans if i in byte_ids)
+        assert not set(as_bytes) & set(CJK_PUNCTUATION + ",!?:;"), (prompt, enc["input_ids"])
+    assert tok.encode("这家酒店怎么样?") == tok.encode("这家酒店怎么样？")
+    assert tok.encode("评论:房间很干净,服务也好!") == tok.encode("评论：房间很干净，服务也好！")
+    assert tok.decode(tok.encode("Hello, world! 10:30")) == "Hello, world! 10:30"  # English stays ASCII
 
 
 def test_chat_template_is_chatml(tok):

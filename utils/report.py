@@ -23,6 +23,7 @@ from typing import Any
 
 from utils.errors import UserError, main_guard
 from utils.log import read_metrics
+from utils.tasks import TYPED_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -193,12 +194,13 @@ def _step_section(rep: Report, out: Path, name: str, title: str, figs: Path) -> 
         plots.append(_plot(figs / f"{name}_loss.png", "Pretraining loss",
                            {"train": _xy(train, "loss"), "held-out": _xy(evals, "loss")}, "loss"))
     elif name == "step1_sft":
-        tasks = [[k, final[k]] for k in ("loss", "sentiment_acc", "segmentation_f1", "ner_f1") if k in final]
-        rep.add("table", (["held-out metric", "final"], tasks))
+        scores = ("sentiment_acc", "segmentation_f1", "ner_f1")
+        tasks = [[k, final[k]] for k in ("loss", *scores, *(TYPED_PREFIX + s for s in scores)) if k in final]
+        rep.add("table", (["held-out metric (typed_: prompts as users type them)", "final"], tasks))
         plots.append(_plot(figs / f"{name}_loss.png", "SFT loss",
                            {"train": _xy(train, "loss"), "held-out": _xy(evals, "loss")}, "loss"))
         plots.append(_plot(figs / f"{name}_tasks.png", "SFT task scores (greedy)",
-                           {k: _xy(evals, k) for k in ("sentiment_acc", "segmentation_f1", "ner_f1")}))
+                           {k: _xy(evals, k) for k in scores}))
     elif name == "step2_reward":
         keys = [k for k in final if k.endswith("accuracy")]
         rep.add("table", (["held-out accuracy", "final"], [[k, final[k]] for k in sorted(keys)]))

@@ -99,6 +99,11 @@ def score_ner(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
     return result
 
 
+# eval/<task>_typed.jsonl holds the items of eval/<task>.jsonl with their prompts typed as users type them
+# (half-width or mixed punctuation); their scores carry the prefix "typed_"
+TYPED_SUFFIX = "_typed"
+TYPED_PREFIX = "typed_"
+
 # eval file stem -> scorer
 SCORERS: dict[str, Callable[[Sequence[str], Sequence[str]], dict[str, float]]] = {
     "t1_sentiment": score_sentiment,
@@ -122,10 +127,10 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def load_task_evals(eval_dir: str | Path, limit: int, flag: str = "--eval_task_dir") -> dict[str, list[dict[str, Any]]]:
-    """The first `limit` rows of each verifiable task's eval/<task>.jsonl found in `eval_dir`; a UserError
-    (naming `flag`) when there is none."""
+    """The first `limit` rows of each verifiable task's eval/<task>.jsonl (and of its typed twin
+    <task>_typed.jsonl) found in `eval_dir`; a UserError (naming `flag`) when there is none."""
     sets = {}
-    for task in SCORERS:
+    for task in (name for base in SCORERS for name in (base, base + TYPED_SUFFIX)):
         path = Path(eval_dir) / f"{task}.jsonl"
         if path.is_file():
             rows = read_jsonl(path)[:limit]
@@ -155,13 +160,15 @@ def evaluate_tasks(model, tokenizer, sets: dict[str, list[dict[str, Any]]], batc
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     results: dict[str, float] = {}
     for task, rows in sets.items():
+        base = task.removesuffix(TYPED_SUFFIX)
+        prefix = TYPED_PREFIX if base != task else ""
         mine = rows[rank::world]
         per_rank = -(-len(rows) // world)
         padded = mine + rows[:1] * (per_rank - len(mine))  # stand-ins, dropped below
         convs = [[{"role": "user", "content": r["prompt"]}] for r in padded]
         answers: list[Any] = generate_replies(model, tokenizer, convs, sampling, batch_size,
                                               synced_gpus=world > 1)
-        if task == "t1_sentiment":
+        if base == "t1_sentiment":
             margins = first_token_margins(model, tokenizer, [prompt_ids(tokenizer, c) for c in convs],
                                           SENTIMENT_LABELS, batch_size)
             answers = list(zip(answers, margins, strict=True))
@@ -176,8 +183,8 @@ def evaluate_tasks(model, tokenizer, sets: dict[str, list[dict[str, Any]]], batc
         refs = [r["reference"] for r in rows]
         if answers_out is not None:
             answers_out[task] = list(answers)
-        if task == "t1_sentiment":
+        if base == "t1_sentiment":
             answers, margins = zip(*answers, strict=True)
-            results["sentiment_auc"] = roc_auc(margins, [ref.strip() == SENTIMENT_LABELS[0] for ref in refs])
-        results.update(SCORERS[task](answers, refs))
+            results[prefix + "sentiment_auc"] = roc_auc(margins, [ref.strip() == SENTIMENT_LABELS[0] for ref in refs])
+        results.update({prefix + k: v for k, v in SCORERS[base](answers, refs).items()})
     return results

@@ -1,0 +1,56 @@
+"""The one character normalisation of the toolkit: what data_process applies to every text it writes, what
+step 0 trains the tokenizer on, and what the exported tokenizer applies to whatever a user types (it is the
+tokenizer's own `normalizer`, so chat.py, serve.py and every AutoTokenizer user get it too).
+
+The rule, in order:
+1. Unicode NFKC, except for the Chinese punctuation marks NFKC would turn into ASCII (，！？：；（）～ and
+   the ellipsis …): full-width digits and Latin letters fold to ASCII (People's Daily's "１９９８" and a
+   review's "1998" become one string), the ideographic space becomes a space, and ，！？ stay as Chinese
+   text has them.
+2. An ASCII , ! ? : ; right after a Chinese character or a Chinese punctuation mark becomes its full-width
+   form ("好!" and "好！" are one string), so the model sees one form of each mark in Chinese text, and a
+   user's half-width or mixed typing reaches it as it was trained. Elsewhere (English, numbers such as
+   "3,000" or "10:30") ASCII punctuation stays ASCII.
+
+Each step only looks at a character and the one before it, so normalising a text and normalising its
+prefix agree on the prefix (chat rendering relies on that), and every step maps one character to one
+character except NFKC's own expansions, which the tokenizer's offsets track.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from tokenizers import Regex, normalizers
+
+# the Chinese punctuation every tokenizer trained on normalised text gets a piece for, however rare in its corpus
+CJK_PUNCTUATION = "，。！？：；、“”‘’（）《》【】「」『』…—～·"
+# full-width marks NFKC would fold to ASCII, each parked on a private-use code point while NFKC runs
+KEPT_MARKS = "，！？：；（）～…"
+_PARKED = [chr(0xE000 + i) for i in range(len(KEPT_MARKS))]
+# ASCII mark -> the full-width one it becomes after Chinese text
+TO_FULL_WIDTH = {",": "，", "!": "！", "?": "？", ":": "：", ";": "；"}
+# what counts as "Chinese text" before a mark: Han characters, CJK symbols and punctuation (、。《》「」【】…),
+# the kept full-width marks, Chinese quotes, dashes and the ellipsis
+_CJK_BEFORE = r"[\p{Han}\x{3000}-\x{303F}\x{FF01}-\x{FF5E}\x{2018}\x{2019}\x{201C}\x{201D}\x{2014}\x{2026}]"
+# a run of marks ("好!!!") converts one mark per pass, each pass seeing the previous one's output
+MARK_RUN_PASSES = 4
+
+
+@functools.cache
+def text_normalizer() -> normalizers.Normalizer:
+    """The normaliser as a `tokenizers` object: serialisable into tokenizer.json, applied by the Rust
+    tokenizer before splitting, and callable from Python through `normalize_str`."""
+    steps: list[normalizers.Normalizer] = [normalizers.Replace(m, p) for m, p in zip(KEPT_MARKS, _PARKED, strict=True)]
+    steps.append(normalizers.NFKC())
+    steps += [normalizers.Replace(p, m) for m, p in zip(KEPT_MARKS, _PARKED, strict=True)]
+    for _ in range(MARK_RUN_PASSES):
+        steps += [normalizers.Replace(Regex(f"(?<={_CJK_BEFORE}){re.escape(ascii_mark)}"), full)
+                  for ascii_mark, full in TO_FULL_WIDTH.items()]
+    return normalizers.Sequence(steps)
+
+
+def fold_characters(text: str) -> str:
+    """`text` under the toolkit's character normalisation (see the module docstring)."""
+    return text_normalizer().normalize_str(text)
