@@ -26,6 +26,7 @@ import xxhash
 from datasketch import MinHash, MinHashLSH
 
 from data_process.text import content_key, normalize, reserved_hash
+from utils.text import fold_characters
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,9 @@ class Cleaner:
     def _lines(self, text: str) -> list[str]:
         text = normalize(text, self.opts.simplified)
         for pattern in self._strip:
-            text = pattern.sub("", text)
+            stripped = pattern.sub("", text)
+            if stripped != text:  # what was cut may leave a mark right after Chinese text ("好<URL>!")
+                text = fold_characters(stripped)
         return [_DOUBLE_SPACE.sub(" ", line).strip() for line in text.split("\n")]
 
     def count_lines(self, docs: Iterable[Doc]) -> None:

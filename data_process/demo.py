@@ -161,8 +161,9 @@ class DemoBuilder:
     """Allocates the cleaned units and writes every dataset and eval file."""
 
     def __init__(self, root: Path, seed: int, scale: float, validation_ratio: float, pretrain_validation_ratio: float,
-                 pretrain_task_text: bool):
+                 pretrain_task_text: bool, typed_prompt_share: float):
         self.seed, self.scale = seed, scale
+        self.typed_prompt_share = typed_prompt_share
         self.pretrain_task_text = pretrain_task_text
         self.task_train_texts: set[str] = set()
         self.validation_ratio = validation_ratio
@@ -212,6 +213,9 @@ class DemoBuilder:
             if task in SCORERS:  # the same item once more, its prompt typed the way users type
                 typed = as_typed(prompt, self.rng(TYPED_SUFFIX + prompt))
                 self.eval.add(task + TYPED_SUFFIX, {"task": task, "prompt": typed, "reference": answer})
+        elif task in SCORERS and self.rng(TYPED_SUFFIX + prompt).random() < self.typed_prompt_share:
+            # a share of the training prompts typed the same ways, so the model meets both forms
+            self.sft(task, as_typed(prompt, self.rng(prompt + TYPED_SUFFIX)), answer, unit)
         else:
             self.sft(task, prompt, answer, unit)
 
@@ -388,7 +392,8 @@ def reserved_paragraph_words(reserved: Reserved) -> list[list[tuple[str, str]]]:
 
 
 def build_demo(cleaner: Cleaner, reserved: Reserved, root: Path, seed: int, scale: float,
-               validation_ratio: float, pretrain_validation_ratio: float, pretrain_task_text: bool) -> dict[str, Any]:
+               validation_ratio: float, pretrain_validation_ratio: float, pretrain_task_text: bool,
+               typed_prompt_share: float) -> dict[str, Any]:
     """Clean the demo sources, allocate units and write everything under `root`; return the stats."""
     skipped: Counter[str] = Counter()
     cleaner.count_lines(demo_docs(reserved, scale, seed, Counter()))
@@ -408,5 +413,6 @@ def build_demo(cleaner: Cleaner, reserved: Reserved, root: Path, seed: int, scal
                            **cleaning["removed"]}
     log.info("demo units: %d reviews (%s), %d paragraphs", len(reviews),
              dict(Counter((r.label, r.cat) for r in reviews)), len(paragraphs))
-    return DemoBuilder(root, seed, scale, validation_ratio, pretrain_validation_ratio, pretrain_task_text).build(
+    return DemoBuilder(root, seed, scale, validation_ratio, pretrain_validation_ratio, pretrain_task_text,
+                       typed_prompt_share).build(
         reviews, paragraphs, cleaning)

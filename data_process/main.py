@@ -64,6 +64,9 @@ class DataConfig:
     pretrain_validation_ratio: float = option(0.03, "Fraction of pretraining documents in validation.")
     pretrain_task_text: bool = option(False, "Demo: also pretrain on the reviews and paragraphs behind the SFT and "
                                              "preference train splits (+0.6 M characters; never validation/eval).")
+    typed_prompt_share: float = option(0.3, "Demo: share of the SFT sentiment/segmentation/NER prompts written "
+                                            "as users type them (half-width or mixed punctuation), the rest as "
+                                            "the templates have them.")
     min_chars: int = option(5, "Drop documents shorter than this (characters, after cleaning).")
     max_chars: int = option(20_000, "Drop documents longer than this (characters).")
     boilerplate_max_repeats: int = option(5, "A line seen more than this many times in the input is "
@@ -95,6 +98,7 @@ class DataConfig:
         for name in ("eval_ratio", "validation_ratio", "pretrain_validation_ratio"):
             value = getattr(self, name)
             require(0 <= value < 1, name, value, "must be in [0, 1)")
+        require(0 <= self.typed_prompt_share <= 1, "typed_prompt_share", self.typed_prompt_share, "must be in [0, 1]")
         require(self.min_chars >= 1, "min_chars", self.min_chars, "must be >= 1")
         require(self.max_chars >= self.min_chars, "max_chars", self.max_chars, "must be >= --min_chars")
         require(self.boilerplate_max_repeats >= 0, "boilerplate_max_repeats", self.boilerplate_max_repeats,
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             cleaner = Cleaner(opts, work)
             stats = build_demo(cleaner, reserved, tmp, cfg.seed, cfg.demo_scale, cfg.validation_ratio,
-                               cfg.pretrain_validation_ratio, cfg.pretrain_task_text)
+                               cfg.pretrain_validation_ratio, cfg.pretrain_task_text, cfg.typed_prompt_share)
             cleaner.close()
         shutil.rmtree(work)
         save_config(cfg, tmp / "config.json")

@@ -4,6 +4,7 @@ demo build (splits disjoint, reserved lines nowhere) and flat memory when stream
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from data_process.output import FEATURES
 from data_process.readers import guess_encoding
 from data_process.text import normalize, reserved_hash, squash, to_simplified
 from data_process.user import pick_phase
+from utils.text import fold_characters
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,8 +47,20 @@ def test_normalize_folds_width_keeps_chinese_punctuation_drops_invisible_and_whi
     assert normalize("好……～；") == "好……～；"  # NFKC would make these "......~;"
     assert normalize("Hello, world! 3,000 at 10:30; ok?") == "Hello, world! 3,000 at 10:30; ok?"  # not after Chinese
     assert normalize("他说：“好!”") == "他说：“好！”" and normalize("OK，好") == "OK，好"
-    text = "评论:房间１２３号,服务一般!!!ＯＫ,好吗?"
-    assert normalize(normalize(text)) == normalize(text)  # idempotent
+    assert normalize("太差了!!!!!!!真的") == "太差了！！！！真的"  # a long run keeps four marks
+    assert normalize("好!，!?？:") == "好！，！？？："
+
+
+def test_character_normalisation_is_idempotent_on_random_text():
+    """Normalising twice changes nothing (the tokenizer re-applies the rule to data_process's output), for
+    random mixes of Chinese, full- and half-width marks, letters, digits and spaces."""
+    rng = random.Random(0)
+    alphabet = "好中国人ABab12１２ＡＢ ，。！？：；（）～…“”、!?:;,.()~\"-　\u2026\uff0e"
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 24)))
+        once = fold_characters(text)
+        assert fold_characters(once) == once, (text, once)
+        assert normalize(normalize(text)) == normalize(text), text
     assert normalize("a\u200bb\u200dc\ufeffd\x07e") == "abcde"  # zero-width, BOM, control
     assert normalize("  a \t\u3000 b  \r\n\n\n\n  c  ") == "a b\n\nc"
     assert normalize("這個東西很好", simplified=True) == "这个东西很好"
@@ -370,6 +384,10 @@ def test_typed_eval_twins_hold_the_same_items_with_user_typed_punctuation(demo):
         assert len(changed) > 0.95 * len(rows)  # mixed typing may keep every mark of a prompt Chinese
         assert all(set(p) & set(",:.\"") for p in changed)
         assert sum(set(p) & set("，：。“") != set() for p in changed) > 0.2 * len(rows)  # mixed typing too
+    sft = load(demo, "sft")["train"]
+    prompts = [m[0]["content"] for m, t in zip(sft["messages"], sft["task"], strict=True) if t == "t2_segmentation"]
+    typed = sum("句子:" in p or "隔开." in p for p in prompts)
+    assert 0.2 < typed / len(prompts) < 0.4  # --typed_prompt_share 0.3 of the training prompts typed too
 
 
 def test_demo_answers_follow_the_task_formats(demo):

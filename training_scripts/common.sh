@@ -2,6 +2,13 @@
 # Knobs (environment): OUTPUT (default outputs/demo), NUM_GPUS (processes per node, default 1),
 # HOSTFILE (DeepSpeed hostfile for multi-node), LAUNCHER=python to run without the deepspeed launcher,
 # MASTER_PORT, FAST=1 (smoke-sized runs), FORCE=1 (redo finished steps).
+# Your own data and model instead of the demo's (README, "Your own data and models"):
+#   PRETRAIN_DATA, SFT_DATA, PREF_DATA, PROMPT_DATA  files or dirs (several: space-separated) that step0.sh's
+#       data_process reads in place of the demo data (each row goes where its fields say; see docs/DATA.md)
+#   DATA_COLUMNS  data_process --columns entries for them (space-separated, one per input or one for all)
+#   DATA_DIR   a data dir data_process already built: every step reads it as it is (default OUTPUT/data)
+#   BASE_MODEL a Hugging Face causal-LM dir to start SFT from, with its own tokenizer and chat template;
+#              step 0's tokenizer and pretraining are skipped
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PY:-$REPO/.venv/bin/python}"
@@ -30,6 +37,11 @@ launch() {
     fi
     echo "+ ${cmd[*]}" >&2
     "${cmd[@]}"
+}
+
+# data_dir: the data_process output the steps read (DATA_DIR, else OUTPUT/data), as an absolute path
+data_dir() {
+    case "${DATA_DIR:-}" in "") echo "$OUTPUT/data" ;; /*) echo "$DATA_DIR" ;; *) echo "$PWD/$DATA_DIR" ;; esac
 }
 
 # run ARGS...: print the resolved command, then run it

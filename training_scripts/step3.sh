@@ -3,7 +3,7 @@
 # comparison with the SFT model on held-out prompts (mean reward-model score, win-rate, positive share,
 # KL, degeneration figures). DeepSpeed-Chat's positional arguments, each defaulting to the demo's outputs:
 #   bash training_scripts/step3.sh [ACTOR_MODEL_PATH] [CRITIC_MODEL_PATH] [ACTOR_ZERO_STAGE] [CRITIC_ZERO_STAGE] [OUTPUT]
-# Reads OUTPUT/data/{prompts,eval}; writes OUTPUT/step3_ppo (final/, critic/, samples.jsonl, eval.json).
+# Reads DATA/{prompts,eval} (DATA: DATA_DIR or OUTPUT/data); writes OUTPUT/step3_ppo (final/, critic/, samples.jsonl, eval.json).
 # Knobs: STEPS, GEN_BATCH, TRAIN_BATCH, ACTOR_LR, CRITIC_LR, KL, TARGET_KL, KL_HORIZON, TEMPERATURE, ANSWER_LEN, ACTOR_LORA_DIM,
 # EMA=1, HYBRID_ENGINE=1 (CUDA), DTYPE, FAST=1, NUM_GPUS, HOSTFILE, FORCE=1 (see common.sh).
 # On a GPU with the base preset: DTYPE=bf16 HYBRID_ENGINE=1 GEN_BATCH=32 TRAIN_BATCH=16 bash training_scripts/step3.sh
@@ -20,14 +20,16 @@ if [ "$FAST" = "1" ]; then
 else
     STEPS_ARGS=(--max_steps "${STEPS:-150}" --eval_interval 50 --save_interval 50 --eval_batches 2); EVAL_N=200
 fi
+DATA="$(data_dir)"
 EXTRA=()
+HELD_OUT="$DATA/eval/prompts.jsonl"  # data_process holds out prompts of the demo's or the user's rows
+if [ -s "$HELD_OUT" ]; then EXTRA+=(--eval_prompts "$HELD_OUT"); fi
 [ "${EMA:-0}" = "1" ] && EXTRA+=(--enable_ema)
 [ "${HYBRID_ENGINE:-0}" = "1" ] && EXTRA+=(--enable_hybrid_engine)
 launch "$REPO/step3_rlhf_ppo/main.py" \
     --actor_model_name_or_path "$ACTOR_MODEL_PATH" \
     --critic_model_name_or_path "$CRITIC_MODEL_PATH" \
-    --data_path "$OUTPUT/data/prompts" \
-    --eval_prompts "$OUTPUT/data/eval/prompts.jsonl" \
+    --data_path "$DATA/prompts" \
     --per_device_generation_batch_size "${GEN_BATCH:-16}" \
     --per_device_training_batch_size "${TRAIN_BATCH:-8}" \
     --per_device_eval_batch_size 16 \
@@ -49,6 +51,6 @@ launch "$REPO/step3_rlhf_ppo/main.py" \
     --samples_interval 10 \
     "${STEPS_ARGS[@]}" "${EXTRA[@]}" $(force_flag) \
     --output_dir "$RUN"
-up_to_date "$RUN/eval.json" "$RUN/done" "$ACTOR_MODEL_PATH/model.safetensors" || run "$PY" "$REPO/step3_rlhf_ppo/evaluate.py" --policy "$RUN/final" \
+[ ! -s "$HELD_OUT" ] || up_to_date "$RUN/eval.json" "$RUN/done" "$ACTOR_MODEL_PATH/model.safetensors" || run "$PY" "$REPO/step3_rlhf_ppo/evaluate.py" --policy "$RUN/final" \
     --baseline "$ACTOR_MODEL_PATH" --reward_model "$OUTPUT/step2_reward/final" \
-    --prompts "$OUTPUT/data/eval/prompts.jsonl" --num_prompts "$EVAL_N" --out "$RUN/eval.json"
+    --prompts "$HELD_OUT" --num_prompts "$EVAL_N" --out "$RUN/eval.json"

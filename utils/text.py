@@ -10,7 +10,9 @@ The rule, in order:
 2. An ASCII , ! ? : ; right after a Chinese character or a Chinese punctuation mark becomes its full-width
    form ("好!" and "好！" are one string), so the model sees one form of each mark in Chinese text, and a
    user's half-width or mixed typing reaches it as it was trained. Elsewhere (English, numbers such as
-   "3,000" or "10:30") ASCII punctuation stays ASCII.
+   "3,000" or "10:30") ASCII punctuation stays ASCII. A run of such marks converts up to four of them and
+   drops the rest ("好!!!!!!" -> "好！！！！"), which keeps the rule idempotent: normalising twice changes
+   nothing, so the tokenizer meets data_process's output unchanged.
 
 Each step only looks at a character and the one before it, so normalising a text and normalising its
 prefix agree on the prefix (chat rendering relies on that), and every step maps one character to one
@@ -48,6 +50,8 @@ def text_normalizer() -> normalizers.Normalizer:
     for _ in range(MARK_RUN_PASSES):
         steps += [normalizers.Replace(Regex(f"(?<={_CJK_BEFORE}){re.escape(ascii_mark)}"), full)
                   for ascii_mark, full in TO_FULL_WIDTH.items()]
+    ascii_marks = re.escape("".join(TO_FULL_WIDTH))
+    steps.append(normalizers.Replace(Regex(f"(?<=[{''.join(TO_FULL_WIDTH.values())}])[{ascii_marks}]+"), ""))
     return normalizers.Sequence(steps)
 
 
