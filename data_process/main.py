@@ -75,8 +75,9 @@ class DataConfig:
         [r"^宾馆反馈", r"^图片(新闻)?[:：]?$", r"^(优点|缺点)\s*[:：]?$"],
         "Regexes: lines matching any are dropped (the demo's hotel replies, photo headers, empty headers).")
     strip_patterns: list[str] = option(
-        [r"\((新华社|本报)?记者[^()]{0,20}摄\)", r"\(附图片\d+张\)"],
-        "Regexes removed from the text (after NFKC; URLs are always removed).")
+        [r"[(（](新华社|本报)?记者[^()（）]{0,20}摄[)）]", r"[(（]附图片\d+张[)）]"],
+        "Regexes removed from the text (after normalisation, which keeps Chinese brackets （）; URLs are always "
+        "removed).")
     simplified: bool = option(True, "Convert traditional to simplified Chinese (OpenCC t2s).")
     near_dup_threshold: float = option(0.7, "Estimated Jaccard similarity of character n-gram sets at which "
                                             "a document is a near duplicate (0 = near dedup off).")

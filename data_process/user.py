@@ -75,11 +75,16 @@ class UserBuilder:
         user_turns = [m["content"] for m in messages if m["role"] == "user"] or [messages[0]["content"]]
         first_user, last_user = user_turns[0], user_turns[-1]  # PPO prompt; eval prompt of the final answer
         if unit_fraction(self.seed + 2, text) < self.eval_ratio:
+            # every held-out row also gives a held-out prompt, so PPO and DPO can be compared with SFT on
+            # any user data (eval/prompts.jsonl), not only on prompt-only rows
             if kind == "preference":
                 self.eval.add("preference", {"task": "preference", "prompt": data["prompt"], "kind": "user",
                                              "reference": {"chosen": data["chosen"], "rejected": data["rejected"]}})
+                self.eval.add("prompts", {"task": "user", "prompt": data["prompt"], "reference": data["chosen"]})
             elif kind == "sft":
                 self.eval.add("user", {"task": "user", "prompt": last_user, "reference": messages[-1]["content"]})
+                first_reply = next((m["content"] for m in messages if m["role"] == "assistant"), "")
+                self.eval.add("prompts", {"task": "user", "prompt": first_user, "reference": first_reply})
             else:
                 self.eval.add("prompts", {"task": "user", "prompt": data["prompt"], "reference": ""})
             return

@@ -6,8 +6,9 @@
         batch: JSONL rows with a "prompt" field (other fields are copied through) or plain text with one
         prompt per line; writes the rows plus "response"
 
-Generation is utils.generation (the code the SFT evaluation, serve.py and make_pairs.py use): ChatML via
-the tokenizer's template, stop at <|im_end|>, temperature/top-k/top-p/repetition penalty, seeded.
+Generation is utils.generation (the code the SFT evaluation, serve.py and make_pairs.py use): prompts via
+the tokenizer's chat template (ChatML for step0's), stop at the template's end-of-turn token or eos,
+temperature/top-k/top-p/repetition penalty, seeded. Any local Hugging Face causal-LM dir with its tokenizer works.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ Launch (from the repo root or from inside step1_pretrain_sft/ as `main.py`):
 pretrain: next-token cross-entropy on fixed windows of --max_seq_len tokens cut from step0's flat token
   file (documents separated by <|endoftext|>). Evaluation: held-out loss, perplexity, bits per character,
   and a few sampled continuations.
-sft: conversations rendered with the tokenizer's ChatML template; loss only on assistant replies and their
-  <|im_end|> (utils.chat). Rows are right-padded, or packed several per row with --packing (no attention
+sft: conversations rendered with the tokenizer's chat template (step0's ChatML or an existing model's); loss
+  only on assistant replies and the end-of-turn token after each (<|im_end|> in ChatML; utils.chat). Rows are right-padded, or packed several per row with --packing (no attention
   across conversations). --loss_weighting conversation averages the loss over conversations instead of reply
   tokens, so short answers (a sentiment label) are not drowned by long ones; --loss_weighting task gives each
   task (the data's 'task' column) the share of its conversations, with equal tokens within a task. Optional

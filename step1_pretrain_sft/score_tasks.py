@@ -45,12 +45,11 @@ class ScoreConfig:
 @main_guard
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(ScoreConfig, argv, prog="step1_pretrain_sft/score_tasks.py")
-    from transformers import AutoTokenizer
-
     from utils.model import load_causal_lm
+    from utils.tokenizer import load_tokenizer_dir
 
     sets = load_task_evals(cfg.eval_task_dir, cfg.samples)
-    model, tokenizer = load_causal_lm(cfg.model).eval(), AutoTokenizer.from_pretrained(cfg.model)
+    model, tokenizer = load_causal_lm(cfg.model).eval(), load_tokenizer_dir(cfg.model, "--model")
     answers: dict[str, list] = {}
     scores = evaluate_tasks(model, tokenizer, sets, cfg.batch_size, cfg.max_new_tokens, answers)
     report = {"model": cfg.model, "samples": {task: len(rows) for task, rows in sets.items()}, **scores}

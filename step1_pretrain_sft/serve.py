@@ -6,7 +6,8 @@
         POST /v1/chat/completions  OpenAI's request and response schema; "stream": true answers with
                                    server-sent events ending in `data: [DONE]`
 
-Generation is utils.generation, the code chat.py uses (ChatML prompt, stop at <|im_end|>, seeded sampling).
+Generation is utils.generation, the code chat.py uses (the tokenizer's chat template, stop at its end-of-turn
+token or eos, seeded sampling).
 Requests queue for one worker thread, so two CPU-heavy generations never run over each other and the event
 loop stays free to accept, reject (429 once --max_queue requests wait) and stream. A generation stops at the
 next token when its client goes away, and at a `stop` string, through one stopping criterion.

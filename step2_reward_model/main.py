@@ -7,8 +7,10 @@ Launch (from the repo root or from inside step2_reward_model/ as `main.py`):
     bash training_scripts/step2.sh
 Evaluate an export: python step2_reward_model/rw_eval.py --model OUT/step2_reward/final --pairs FILE
 
-Model: the SFT (or pretrained) export as transformers' LlamaForSequenceClassification, num_labels=1, with a
-fresh scalar head; the reward of a (prompt, response) is the head's output at the reply's <|im_end|>.
+Model: the SFT (or pretrained, or any local Hugging Face causal LM's) export as transformers' sequence classifier
+(LlamaForSequenceClassification, ...), num_labels=1, with a fresh scalar head; the reward of a (prompt,
+response) is the head's output at the reply's end-of-turn token (<|im_end|> in ChatML), read at the last
+attention-mask position whatever the pad id (utils.reward).
 Loss: -log sigmoid(r_chosen - r_rejected - margin) (+ optional centring), chosen and rejected rows in one
 forward (utils.losses.pairwise_reward_loss). Evaluation: accuracy (r_chosen > r_rejected), mean scores,
 margin and loss on the held-out pairs, overall and per pair kind. Training loop, ZeRO, LoRA, checkpoints

@@ -26,6 +26,7 @@ from utils.losses import pairwise_reward_loss
 from utils.preference import load_pairs
 from utils.reward import load_reward_model, score_sequences
 from utils.tasks import read_jsonl
+from utils.tokenizer import load_tokenizer_dir
 
 
 @dataclass
@@ -99,10 +100,8 @@ def prompt_report(cfg: EvalConfig, model, tokenizer) -> dict:
 @main_guard
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(EvalConfig, argv, prog="step2_reward_model/rw_eval.py")
-    from transformers import AutoTokenizer
-
     model = load_reward_model(cfg.model).eval()
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    tokenizer = load_tokenizer_dir(cfg.model, "--model")
     report = pair_report(cfg, model, tokenizer) if cfg.pairs else prompt_report(cfg, model, tokenizer)
     if cfg.out:
         Path(cfg.out).write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")

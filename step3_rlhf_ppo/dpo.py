@@ -6,9 +6,9 @@ Launch (from the repo root or from inside step3_rlhf_ppo/ as `dpo.py`):
     python step3_rlhf_ppo/dpo.py ...           (one process, no launcher)
     bash training_scripts/step3_dpo.sh          (trains, then compares with SFT under the step 2 reward model)
 
-Each pair is rendered as two ChatML conversations (user: prompt, assistant: chosen / rejected); the policy
-scores both in one forward and sums log-probs over the reply tokens only (prompt, template and padding
-masked, utils.chat). By default (--share_prompt) the pair is one row, prompt + chosen + rejected, with
+Each pair is rendered as two conversations with the tokenizer's chat template (user: prompt, assistant: chosen /
+rejected); the policy scores both in one forward and sums log-probs over the reply tokens only (prompt,
+template and padding masked, utils.chat). By default (--share_prompt) the pair is one row, prompt + chosen + rejected, with
 position ids and a block mask that give each reply exactly the logits of its own conversation, so the
 prompt is computed once (SharedPromptCollator); --share_prompt false uses two padded rows per pair. --loss_type picks DPO (beta), cDPO (--label_smoothing), IPO or SimPO (--simpo_gamma,
 reference-free, length-normalised); the equations are in utils.losses. The reference is the SFT model:
@@ -40,7 +40,7 @@ from utils.dist import barrier, get_device, get_rank, get_world_size, is_rank0
 from utils.errors import UserError, main_guard
 from utils.log import read_metrics
 from utils.losses import IGNORE_INDEX, preference_loss, sequence_logps
-from utils.model import check_model_dir, load_causal_lm
+from utils.model import load_causal_lm
 from utils.preference import Pair, load_pairs
 from utils.step import load_tokenizer, prepare_model, start, train_and_export
 from utils.trainer import LossOutput
@@ -347,7 +347,6 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, run_dir, precision, finished = start(DPOConfig, argv, "step3_rlhf_ppo/dpo.py")
     if finished is not None:
         return finished
-    check_model_dir(cfg.model_name_or_path, "causal_lm")
     tokenizer = load_tokenizer(cfg)
     train = encode_dpo_pairs(tokenizer, load_pairs(cfg.data_path, "train"), cfg, f"--data_path {cfg.data_path} (train)")
     evals = {"validation": encode_dpo_pairs(tokenizer, load_pairs(cfg.data_path, "validation", required=False), cfg,

@@ -34,6 +34,7 @@ from utils.generation import SamplingConfig, generate_replies
 from utils.losses import sequence_logps
 from utils.reward import load_reward_model, score_sequences
 from utils.tasks import read_jsonl
+from utils.tokenizer import load_tokenizer_dir
 
 SENTIMENT_PROMPT = "判断下面这条商品或酒店评论的情感倾向，只回答“正面”或“负面”。\n评论：{review}"
 
@@ -96,8 +97,6 @@ def positive_share(judge, tokenizer, answers: list[str], batch_size: int) -> flo
 @main_guard
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(EvalConfig, argv, prog="step3_rlhf_ppo/evaluate.py")
-    from transformers import AutoTokenizer
-
     from utils.model import load_causal_lm
 
     rows = read_jsonl(cfg.prompts)[:cfg.num_prompts]
@@ -106,12 +105,12 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = [r["prompt"] for r in rows]
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, 0, cfg.top_p, 1.0, cfg.seed)
     reward_model = load_reward_model(cfg.reward_model).eval()
-    rm_tokenizer = AutoTokenizer.from_pretrained(cfg.reward_model)
+    rm_tokenizer = load_tokenizer_dir(cfg.reward_model, "--reward_model")
     report: dict = {"prompts": len(prompts), "sampling": vars(sampling), "models": {}}
     answers: dict[str, list[str]] = {}
     models = {}
     for name, path in (("baseline", cfg.baseline), ("policy", cfg.policy)):
-        model, tokenizer = load_causal_lm(path).eval(), AutoTokenizer.from_pretrained(path)
+        model, tokenizer = load_causal_lm(path).eval(), load_tokenizer_dir(path, f"--{name}")
         models[name] = model
         answers[name] = generate_replies(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
                                          sampling, cfg.batch_size)
@@ -125,14 +124,14 @@ def main(argv: list[str] | None = None) -> dict:
             "scores": scores,
         }
     # KL(policy || baseline) per answer, estimated on the policy's own samples: sum of log-ratios
-    tok = AutoTokenizer.from_pretrained(cfg.policy)
+    tok = load_tokenizer_dir(cfg.policy, "--policy")
     logps = {name: reply_logps(m, tok, prompts, answers["policy"], cfg.temperature, cfg.batch_size)
              for name, m in models.items()}
     kls = [p - b for p, b in zip(logps["policy"], logps["baseline"], strict=True)]
     report["models"]["policy"]["kl_mean"] = sum(kls) / len(kls)
     report["models"]["baseline"]["kl_mean"] = 0.0
     judge_path = cfg.judge or cfg.baseline
-    judge, judge_tok = load_causal_lm(judge_path).eval(), AutoTokenizer.from_pretrained(judge_path)
+    judge, judge_tok = load_causal_lm(judge_path).eval(), load_tokenizer_dir(judge_path, "--judge")
     for name in answers:
         report["models"][name]["positive_share"] = positive_share(judge, judge_tok, answers[name], cfg.batch_size)
     base, pol = report["models"]["baseline"]["scores"], report["models"]["policy"]["scores"]

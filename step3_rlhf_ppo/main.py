@@ -142,6 +142,10 @@ class PPOConfig(RunConfig):
         require(not (self.offload_reference_model and self.actor_zero_stage != 3), "offload_reference_model",
                 self.offload_reference_model, "offloading the reference's weights needs --actor_zero_stage 3")
 
+    def model_dirs(self) -> list[tuple[str, str]]:
+        return [(self.actor_model_name_or_path, "causal_lm"), (self.critic_model_name_or_path, "reward"),
+                (self.reward_model_name_or_path or self.critic_model_name_or_path, "reward")]
+
     def lora_scale(self, name: str) -> float | None:
         """alpha / dim of the actor's or critic's LoRA adapters (None without LoRA): what merging folds in."""
         dim = getattr(self, f"{name}_lora_dim")

@@ -40,9 +40,9 @@ from utils.generation import SamplingConfig, left_pad, stop_token_ids
 from utils.hybrid import GenerationSwitch, hybrid_engine_section, hybrid_engine_supported, merged_weights
 from utils.log import MetricsLogger, peak_rss_mib, progress
 from utils.losses import count_label_tokens, next_token_loss_sum
-from utils.model import check_model_dir, count_parameters, load_causal_lm
+from utils.model import count_parameters, load_causal_lm
 from utils.preference import load_prompts
-from utils.reward import load_reward_model, score_head, token_values
+from utils.reward import load_reward_model, score_head, sequence_rewards, token_values
 from utils.rl import (
     KLController,
     entropy_from_logits,
@@ -54,6 +54,7 @@ from utils.rl import (
     value_loss,
 )
 from utils.run import write_done
+from utils.tokenizer import load_tokenizer_dir
 from utils.trainer import LoopState, MicroBatchStream
 
 log = logging.getLogger("ppo")
@@ -160,15 +161,13 @@ class EMA:
 
 
 def _check_same_tokenizer(tokenizer, other_dir: str, what: str) -> None:
-    """The actor and the reward model must read the same ids (both come from step0's tokenizer)."""
-    from transformers import AutoTokenizer
-
+    """The actor and the reward model must read the same ids (both trained with one tokenizer)."""
     if not (Path(other_dir) / "tokenizer_config.json").is_file():
         return
-    other = AutoTokenizer.from_pretrained(other_dir)
+    other = load_tokenizer_dir(other_dir, "--reward_model_name_or_path")
     if other.get_vocab() != tokenizer.get_vocab():
         raise UserError(f"{other_dir}: the {what}'s tokenizer differs from the actor's: train both from the same "
-                        "step0 tokenizer")
+                        "tokenizer (step0's or the base model's)")
 
 
 @dataclass
@@ -342,8 +341,7 @@ class PPOTrainer:
             with self.timed("reference_forward"):
                 exp.ref_logprobs = token_logprobs(reply_logits(self.e.reference, exp), actions, t) * mask
             with self.timed("reward_forward"):
-                scores = self.e.reward(**exp.model_inputs(), use_cache=False).logits
-        exp.scores = scores.squeeze(-1).float()
+                exp.scores = sequence_rewards(self.e.reward, **exp.model_inputs())
         return exp
 
     @torch.no_grad()
@@ -597,7 +595,6 @@ def run_ppo(cfg, run_dir: Path, precision: Precision) -> dict[str, Any]:
     from utils.config import save_config
     from utils.step import load_tokenizer
 
-    check_model_dir(cfg.actor_model_name_or_path, "causal_lm")
     tokenizer = load_tokenizer(cfg.tokenizer_path or cfg.actor_model_name_or_path, "--tokenizer_path")
     prompts = encode_prompts(tokenizer, load_prompts(cfg.data_path, "train"), cfg.max_prompt_seq_len,
                              f"--data_path {cfg.data_path}", cfg.long_inputs)

@@ -13,7 +13,7 @@ import datasets
 import pytest
 
 from data_process.clean import Cleaner, CleanOptions, Doc, KeyTable
-from data_process.main import DEFAULT_RESERVED, main
+from data_process.main import DEFAULT_RESERVED, DataConfig, main
 from data_process.output import FEATURES
 from data_process.readers import guess_encoding
 from data_process.text import normalize, reserved_hash, squash, to_simplified
@@ -97,10 +97,10 @@ def test_boilerplate_lines_are_removed_and_counted(tmp_path):
 
 def test_patterns_and_urls(tmp_path):
     texts = ["宾馆反馈 2008年8月7日:感谢您的支持", "详见 www.example.com/a?b=1 这本书写得很好",
-             "(新华社记者兰红光摄)江泽民同志发表讲话"]
+             "(新华社记者兰红光摄)江泽民同志发表讲话", "（新华社记者樊如钧摄）李鹏总理会见外宾"]
     kept, stats = clean(texts, tmp_path, drop_line_patterns=[r"^宾馆反馈"],
-                        strip_patterns=[r"\((新华社|本报)?记者[^()]{0,20}摄\)"], near_dup_threshold=0)
-    assert kept == ["详见 这本书写得很好", "江泽民同志发表讲话"]
+                        strip_patterns=DataConfig().strip_patterns, near_dup_threshold=0)  # the demo's patterns
+    assert kept == ["详见 这本书写得很好", "江泽民同志发表讲话", "李鹏总理会见外宾"]  # either bracket width
     assert stats["removed"]["pattern"] == 1
 
 
@@ -189,7 +189,8 @@ def test_user_files_every_format_and_routing(tmp_path):
     assert len(texts) == 50 and f"{normalize(docs[20])}\n第二行0" in texts  # paragraphs keep their line break
     sft, pref, prompts = load(out, "sft"), load(out, "preference"), load(out, "prompts")
     stats = json.loads((out / "stats.json").read_text())
-    n_eval = sum(stats["eval"].values())
+    n_eval = stats["eval"]["prompts"]  # every held-out row, whatever its kind, is also a held-out prompt
+    assert n_eval > stats["eval"]["user"] + stats["eval"]["preference"] > 0  # (PPO/DPO are compared with SFT on them)
     n_sft = len(sft["train"]) + len(sft["validation"])
     n_pref = len(pref["train"]) + len(pref["validation"])
     assert n_sft + n_pref + len(prompts["train"]) + n_eval == 90 + 30 + 30  # every structured row, once

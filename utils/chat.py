@@ -1,9 +1,13 @@
 """The one renderer from conversations to training ids, used by every stage that trains on chats.
 
-`render_chat` applies the tokenizer's own chat template (ChatML from step0) and marks as labels exactly
-the tokens of assistant replies, including their closing <|im_end|>; the role headers, system and user
-turns and the newline after <|im_end|> are -100. Token spans come from the fast tokenizer's character
-offsets over the rendered text, so the ids are those of tokenizing the whole conversation at once.
+`render_chat` applies the tokenizer's own chat template (step0's ChatML, or that of an existing Hugging Face
+model) and marks as labels exactly the tokens of assistant replies, including the end-of-turn token the
+template writes after them (<|im_end|> in ChatML); the role headers, system and user turns and the newline
+after the end of a turn are -100. Token spans come from the fast tokenizer's character offsets over the
+rendered text, so the ids are those of tokenizing the whole conversation at once. This needs a
+prefix-stable template: rendering the first turns alone (with the generation prompt before a reply) gives
+the start of the whole conversation's text. Templates that rewrite earlier turns (drop their reasoning,
+say) are refused with a UserError that says so.
 
 Batch layouts (collators below):
   padded: input_ids (B, T) right-padded with pad_token_id, attention_mask (B, T), labels (B, T) -100 on pads
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 
 from utils.errors import UserError
 from utils.losses import IGNORE_INDEX
@@ -43,7 +48,21 @@ def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
 
 
 def _template(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    if not tokenizer.chat_template:
+        raise UserError("the tokenizer has no chat_template: give a tokenizer dir whose tokenizer_config.json (or "
+                        "chat_template.jinja) defines one, such as step0's or an instruct model's")
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except TemplateError as err:
+        roles = ", ".join(m["role"] for m in messages)
+        raise UserError(f"the tokenizer's chat template refused a conversation ({roles}): {err}") from None
+
+
+def _unstable(turn: int, problem: str) -> UserError:
+    return UserError(f"the tokenizer's chat template is not prefix-stable: {problem} (assistant message {turn}), "
+                     "so the reply tokens to learn cannot be located: use a tokenizer whose chat_template renders "
+                     "earlier turns unchanged and starts each reply with its generation prompt (edit chat_template "
+                     "in a copy of the tokenizer dir and pass that dir as --tokenizer_path)")
 
 
 def render_chat(tokenizer, messages: list[dict[str, str]], max_len: int | None = None) -> dict[str, list[int]]:
@@ -55,8 +74,11 @@ def render_chat(tokenizer, messages: list[dict[str, str]], max_len: int | None =
             continue
         before = _template(tokenizer, messages[:i], True)
         through = _template(tokenizer, messages[:i + 1], False)
-        if not text.startswith(before) or not text.startswith(through):
-            raise UserError("the tokenizer's chat template is not prefix-stable; use step0's ChatML tokenizer")
+        if not text.startswith(through):
+            raise _unstable(i, "it renders this reply differently once later turns follow (it rewrites "
+                               "earlier turns, e.g. drops their reasoning)")
+        if not through.startswith(before):
+            raise _unstable(i, "the reply does not start with the text add_generation_prompt renders")
         end = len(through.rstrip("\n"))  # the reply and its end marker, not the newline after it
         spans.append((len(before), end))
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -68,6 +90,28 @@ def render_chat(tokenizer, messages: list[dict[str, str]], max_len: int | None =
     if max_len is not None:
         ids, labels = ids[:max_len], labels[:max_len]
     return {"input_ids": ids, "labels": labels}
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The special token(s) the chat template writes right after an assistant reply's content: what a model
+    trained on its renderings emits to end its turn (<|im_end|> in ChatML, <|eot_id|> in Llama-3, the eos
+    token in templates that close replies with it). Found by rendering a probe exchange and tokenizing the
+    text that follows the reply, up to its first token that is not special; [] without a chat template."""
+    if not tokenizer.chat_template:
+        return []
+    reply = "PROBE_REPLY_7"
+    text = _template(tokenizer, [{"role": "user", "content": "PROBE_USER_3"},
+                                 {"role": "assistant", "content": reply}], False)
+    at = text.rfind(reply)
+    if at < 0:
+        raise UserError("the tokenizer's chat template does not render an assistant message's content")
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    ids: list[int] = []
+    for token in tokenizer(text[at + len(reply):], add_special_tokens=False)["input_ids"]:
+        if token not in special:
+            break
+        ids.append(token)
+    return ids
 
 
 def _scored(row: dict[str, list]) -> list[int]:
@@ -108,8 +152,9 @@ def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 
 
 def render_response(tokenizer, prompt: str, response: str, max_len: int | None = None) -> list[int]:
-    """Ids of the exchange (user: prompt, assistant: response) ending at the reply's <|im_end|>, the token a
-    reward model scores. Too long: the start of the prompt is cut, so the reply and its end survive."""
+    """Ids of the exchange (user: prompt, assistant: response) ending at the reply's end-of-turn token
+    (<|im_end|> in ChatML), the token a reward model scores. Too long: the start of the prompt is cut, so the
+    reply and its end survive."""
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     text = _template(tokenizer, messages, False).rstrip("\n")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

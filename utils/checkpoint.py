@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import torch
 
 from utils.dist import barrier, get_rank, get_world_size, is_rank0
 from utils.errors import UserError, is_storage_error
+from utils.generation import stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -279,12 +281,27 @@ def gathered_state_dict(model: torch.nn.Module, zero_stage: int) -> dict[str, to
     return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()} if is_rank0() else None
 
 
+def set_special_token_ids(model: torch.nn.Module, tokenizer: Any) -> None:
+    """Write `tokenizer`'s token ids into the model's config (and generation config, where it generates), so
+    the tools users already have stop where chat.py stops: transformers' pipeline and generate, and servers
+    that read generation_config.json, end a reply at every id of utils.generation.stop_token_ids (the
+    end-of-turn token first), pad with the tokenizer's pad id, and find bos only where the tokenizer has one
+    (step0's has none; LlamaConfig's default ids 1 and 2 name other tokens of our vocabularies)."""
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": stop_token_ids(tokenizer),
+           "pad_token_id": tokenizer.pad_token_id}
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is not None:
+            for key, value in ids.items():
+                setattr(config, key, value)
+
+
 def export_hf(model: torch.nn.Module, out_dir: str | Path, *, zero_stage: int, tokenizer: Any = None,
               lora_scale: float | None = None) -> Path:
     """Save `model` (the engine's module) as a Hugging Face dir that from_pretrained loads.
 
     Gathers ZeRO-3 weights, merges LoRA adapters into the base weights when `lora_scale` is given, writes
-    safetensors + config (+ tokenizer) to `out_dir`.tmp and renames it into place. All ranks call this.
+    safetensors + config (+ tokenizer, whose token ids the configs then name: set_special_token_ids) to
+    `out_dir`.tmp and renames it into place. All ranks call this.
     """
     from utils.model import merge_lora_state_dict
 
@@ -297,7 +314,11 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, *, zero_stage: int, t
         tmp = out.with_name(out.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        fresh = type(base)(base.config)  # a plain copy on CPU receives the gathered weights
+        fresh = type(base)(copy.deepcopy(base.config))  # a plain copy on CPU receives the gathered weights
+        if getattr(base, "generation_config", None) is not None:  # a start model's own sampling defaults stay
+            fresh.generation_config = copy.deepcopy(base.generation_config)
+        if tokenizer is not None:
+            set_special_token_ids(fresh, tokenizer)
         missing, unexpected = fresh.load_state_dict(state, strict=False)
         # tied lm_head is absent from state dicts of tied models; anything else is a real mismatch
         missing = [k for k in missing if not (k == "lm_head.weight" and base.config.tie_word_embeddings)]

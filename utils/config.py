@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from utils.errors import UserError
+from utils.errors import UserError, read_json_file
 
 C = TypeVar("C")
 
@@ -85,6 +85,11 @@ class RunConfig:
         require_positive(self, "keep_last", "log_interval", "max_bad_steps")
         require_non_negative(self, "eval_interval", "save_interval", "eval_batches")
         require(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, "must be >= 0")
+
+    def model_dirs(self) -> list[tuple[str, str]]:
+        """(dir, kind) of each model dir the step reads, kind a key of utils.model.KINDS: the step checks
+        them before it touches its output dir, so a bad one leaves no trace there."""
+        return []
 
 
 @dataclass
@@ -150,6 +155,9 @@ class TrainConfig(RunConfig):
             require(self.preset in PRESETS, "preset", self.preset, f"choose one of {', '.join(PRESETS)}")
         require(not (self.offload and self.zero_stage == 0), "offload", self.offload,
                 "CPU offload needs ZeRO stage 1, 2 or 3 (add --zero_stage 2)")
+
+    def model_dirs(self) -> list[tuple[str, str]]:
+        return [(self.model_name_or_path, "causal_lm")] if self.model_name_or_path else []
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -221,23 +229,33 @@ def build_parser(cls: type, prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+CONFIG_FILE_FIX = ("write one 'option_name: value' per line (a space after the colon, lists as [a, b], quotes "
+                   "around text holding ': ' or ' #'); --help lists the option names")
+
+
 def load_config_file(path: str) -> dict[str, Any]:
-    """Read a YAML or JSON mapping of option values."""
+    """Read a YAML or JSON mapping of option values; a file that does not parse, or whose top level is not a
+    mapping, is a UserError naming the file, the line and the fix (not the parser's multi-line report)."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--config {path}: file not found")
-    text = p.read_text(encoding="utf-8")
-    try:
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
+    if p.suffix not in (".yaml", ".yml"):
+        data = read_json_file(p, CONFIG_FILE_FIX)
+    else:
+        import yaml
 
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as err:  # yaml and json raise different types; both mean a malformed file
-        raise UserError(f"--config {path}: not valid {p.suffix.lstrip('.') or 'JSON'}: {err}") from None
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"--config {path}: not UTF-8 text: {CONFIG_FILE_FIX}") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise UserError(f"--config {path}: not valid YAML at {where} ({problem}): {CONFIG_FILE_FIX}") from None
     if not isinstance(data, dict):
-        raise UserError(f"--config {path}: expected a mapping of option names to values")
+        found = "nothing" if data is None else f"a {type(data).__name__}"
+        raise UserError(f"--config {path}: holds {found}, not a mapping of option names to values: {CONFIG_FILE_FIX}")
     return data
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import sys
 from collections.abc import Callable
-from typing import NoReturn, TypeVar
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
 EXIT_USER_ERROR = 2
 
@@ -19,6 +21,17 @@ class UserError(Exception):
 
     The message must say what is wrong, where (file, line, field, value) and how to fix it.
     """
+
+
+def read_json_file(path: Path, fix: str) -> Any:
+    """The parsed contents of a JSON file a user handed over (a model's config.json, a tokenizer file); a
+    UserError naming the file, the line and `fix` when it does not parse."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}): {fix}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not valid JSON (not UTF-8 text): {fix}") from None
 
 
 # What a full disk or a file-size limit looks like from the libraries that write our files: OSError from
@@ -59,7 +72,9 @@ def _fail(message: str) -> NoReturn:
     tqdm = sys.modules.get("tqdm")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
         bar.close()
-    # the CLI contract is this exact line, so it bypasses logging's timestamped format
-    sys.stderr.write(f"error: {message}\n")
+    # the CLI contract is this exact line, so it bypasses logging's timestamped format; a message that quotes
+    # a library's multi-line text is folded onto it
+    line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    sys.stderr.write(f"error: {line}\n")
     sys.stderr.flush()
     sys.exit(EXIT_USER_ERROR)

@@ -1,8 +1,8 @@
 """Batched chat generation shared by chat.py, the SFT task evaluation, serve.py and make_pairs.py.
 
 Prompts are conversations rendered with the tokenizer's chat template plus the assistant header, left-
-padded into one batch, and continued with transformers' generate (KV cache) until <|im_end|> (or
-<|endoftext|>) or max_new_tokens. Sampling with a seed runs inside a forked RNG, so it is reproducible and
+padded into one batch, and continued with transformers' generate (KV cache) until the template's
+end-of-turn token (<|im_end|> in ChatML) or eos, or max_new_tokens. Sampling with a seed runs inside a forked RNG, so it is reproducible and
 leaves the caller's random state (and so exact training resume) untouched.
 """
 
@@ -20,7 +20,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from utils.chat import prompt_ids
+from utils.chat import end_of_turn_ids, prompt_ids
 
 
 @dataclass
@@ -77,9 +77,10 @@ class RowSeededSampling(LogitsProcessor):
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    """Ids that end a reply: <|im_end|> and the tokenizer's eos (<|endoftext|>)."""
-    ids = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
-    return [i for i in dict.fromkeys(ids) if i is not None and i != tokenizer.unk_token_id]
+    """Ids that end a reply: the end-of-turn token(s) the chat template writes after a reply (<|im_end|> for
+    step0's ChatML, utils.chat.end_of_turn_ids), then the tokenizer's eos (<|endoftext|>)."""
+    ids = [*end_of_turn_ids(tokenizer), tokenizer.eos_token_id]
+    return [i for i in dict.fromkeys(ids) if i is not None]
 
 
 def left_pad(rows: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,14 +9,14 @@ Presets, with an 8k vocabulary and tied embeddings (parameters counted once):
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from utils.errors import UserError
+from utils.errors import UserError, read_json_file
+from utils.tokenizer import load_tokenizer_dir
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +40,42 @@ def preset_config(preset: str, vocab_size: int, max_position_embeddings: int = 2
 
     if preset not in PRESETS:
         raise UserError(f"--preset={preset!r} is invalid: choose one of {', '.join(PRESETS)}")
+    # no token ids: LlamaConfig's defaults (bos 1, eos 2) name other tokens of our vocabularies; the export
+    # writes the tokenizer's (utils.checkpoint.set_special_token_ids)
     kwargs = dict(PRESETS[preset], vocab_size=vocab_size, max_position_embeddings=max_position_embeddings,
-                  tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=10000.0)
+                  tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=None,
+                  eos_token_id=None)
     kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
     kwargs.update(overrides)
     return LlamaConfig(**kwargs)
 
 
-def check_model_dir(path: str | Path, expect: str) -> dict[str, Any]:
-    """Read `path`/config.json and make sure it holds the kind of model this step needs.
+# The fix for a file of a model dir that does not parse: it was damaged after it was written.
+REDO_MODEL = ("the file is damaged (an interrupted copy or export?): copy the dir again from where it was made, or "
+              "rerun the step that exported it")
 
-    Raises UserError for a missing dir/config or a model from the wrong step (a reward model where a
-    causal LM is expected, or the reverse). Returns the parsed config.json.
+
+def check_model_dir(path: str | Path, expect: str) -> dict[str, Any]:
+    """Make sure `path` is a model dir that loads and holds the kind of model this step needs, before any
+    work is done: every loader goes through here, so a bad dir is one error line, never a traceback.
+
+    Raises UserError for a missing dir/config, a config.json that does not parse or is not a transformers
+    config, a model from the wrong step (a reward model where a causal LM is expected, or the reverse), and
+    missing, pickled-only, cut-off or damaged safetensors weights. Returns the parsed config.json.
     """
-    config_file = Path(path) / "config.json"
+    from transformers import CONFIG_MAPPING
+
+    directory = Path(path)
+    config_file = directory / "config.json"
     if not config_file.is_file():
         raise UserError(f"{path}: no config.json: pass a Hugging Face model dir (a step's final/ dir)")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config = read_json_file(config_file, REDO_MODEL)
+    if not isinstance(config, dict):
+        raise UserError(f"{config_file}: holds a JSON {type(config).__name__}, not an object of model settings: "
+                        f"{REDO_MODEL}")
+    if config.get("model_type") not in CONFIG_MAPPING:
+        raise UserError(f"{config_file}: model_type {config.get('model_type')!r} is not one transformers knows: "
+                        f"{REDO_MODEL}")
     suffix, description = KINDS[expect]
     architectures = config.get("architectures") or []
     if not any(arch.endswith(suffix) for arch in architectures):
@@ -65,12 +84,27 @@ def check_model_dir(path: str | Path, expect: str) -> dict[str, Any]:
         if kinds:
             found += f", {kinds[0]}"
         raise UserError(f"{path}: holds {found}, but this step needs {description}")
-    if not any(Path(path).glob("*.safetensors")):
-        pickled = sorted(p.name for p in Path(path).glob("*.bin"))
-        raise UserError(f"{path}: no .safetensors weights{' (only ' + ', '.join(pickled) + ')' if pickled else ''}: "
-                        "weights are read only from safetensors, never unpickled; convert a model you trust with "
-                        "AutoModel.from_pretrained(dir).save_pretrained(dir)")
+    check_weights(directory)
     return config
+
+
+def check_weights(directory: Path) -> None:
+    """Every safetensors file of a model dir is whole: its header parses and its size is what the header
+    says (a copy cut short fails here, not as a traceback inside from_pretrained)."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in directory.glob("*.bin"))
+        raise UserError(f"{directory}: no .safetensors weights{' (only ' + ', '.join(pickled) + ')' if pickled else ''}"
+                        ": weights are read only from safetensors, never unpickled; convert a model you trust with "
+                        "AutoModel.from_pretrained(dir).save_pretrained(dir)")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except SafetensorError as err:
+            raise UserError(f"{file}: not a whole safetensors file ({err}): {REDO_MODEL}") from None
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
@@ -157,11 +191,7 @@ def merge_lora_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[
 def load_for_inference(path: str | Path):
     """Model (eval mode; on the GPU in bf16/fp16 if there is one) and tokenizer of an exported causal-LM dir,
     for chat.py, serve.py and make_pairs.py."""
-    from transformers import AutoTokenizer
-
     model = load_causal_lm(path).eval()
     if torch.cuda.is_available():
         model = model.to("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    if not (Path(path) / "tokenizer_config.json").is_file():
-        raise UserError(f"{path}: no tokenizer saved beside the model: export it with its tokenizer")
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, load_tokenizer_dir(path, "--model")

@@ -1,6 +1,13 @@
-"""Reward models in the ecosystem's form: transformers' LlamaForSequenceClassification with num_labels=1 and
-pad_token_id set, so AutoModelForSequenceClassification loads them. Shared by step2 (training, rw_eval)
-and step3 (the frozen reward model and the critic)."""
+"""Reward models in the ecosystem's form: transformers' sequence classifier (LlamaForSequenceClassification,
+Qwen2ForSequenceClassification, ...) with num_labels=1 and pad_token_id set, so
+AutoModelForSequenceClassification loads them. Shared by step2 (training, rw_eval) and step3 (the frozen
+reward model and the critic).
+
+The reward of a row is read at its last attention-mask position (`sequence_rewards`), not where
+transformers' own pooling looks (the last token that is not pad_token_id): with the pad id also a real
+token (Qwen2.5's <|endoftext|>, or eos standing in for a missing pad token, utils.tokenizer) that pooling
+would skip a reply that ends with it.
+"""
 
 from __future__ import annotations
 
@@ -39,13 +46,23 @@ def load_reward_model(path: str | Path):
                                                               trust_remote_code=False, use_safetensors=True)
 
 
-def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar reward of each row, (B, T) -> (B,): the head's output at the last real token.
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B,): each row's last position whose mask is 1, the reply's last token for right-padded
+    rows, left-padded rows and PPO's left-padded prompt + right-padded reply alike (0 for an empty row).
+    Equivalent to: max(j for j in range(T) if attention_mask[b, j])."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions * (attention_mask != 0)).argmax(-1)
 
-    transformers' sequence classifier pools at the last token that is not pad_token_id, which is the
-    last real token for right- and left-padded rows alike (pad ids only ever appear as padding).
-    """
-    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.squeeze(-1).float()
+
+def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Scalar reward of each row, (B, T) -> (B,): the head's output at the last real token (last_token_index),
+    whatever the pad id is. `model` may be wrapped (peft, DeepSpeed)."""
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
+    values = token_values(model, score_head(model), **inputs)  # (B, T)
+    return values.gather(-1, last_token_index(attention_mask).unsqueeze(-1)).squeeze(-1)
 
 
 @torch.no_grad()

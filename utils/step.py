@@ -18,8 +18,9 @@ from utils.dist import Precision, choose_precision, get_world_size, init_distrib
 from utils.engine import init_engine
 from utils.errors import UserError
 from utils.log import setup_logging
-from utils.model import apply_lora, check_vocab, count_parameters, flops_per_token
+from utils.model import apply_lora, check_model_dir, check_vocab, count_parameters, flops_per_token
 from utils.run import finished_run, prepare_output_dir, write_done
+from utils.tokenizer import load_tokenizer_dir
 from utils.trainer import Trainer, total_train_steps
 
 C = TypeVar("C")
@@ -27,9 +28,13 @@ log = logging.getLogger("step")
 
 
 def start(cls: type[C], argv: list[str] | None, prog: str) -> tuple[C, Path, Precision, dict | None]:
-    """Parse and validate the config, make the output dir, start distributed, and say whether this exact
-    run already finished (then the step returns that summary instead of training again)."""
+    """Parse and validate the config, check the model dirs it names, make the output dir, start distributed,
+    and say whether this exact run already finished (then the step returns that summary instead of training
+    again). A bad model dir fails before the output dir is touched: a finished run there is not started
+    afresh over it."""
     cfg = parse_config(cls, argv, prog=prog)
+    for path, kind in cfg.model_dirs():
+        check_model_dir(path, kind)
     setup_logging()
     run_dir = prepare_output_dir(cfg.output_dir)
     init_distributed()
@@ -41,16 +46,12 @@ def start(cls: type[C], argv: list[str] | None, prog: str) -> tuple[C, Path, Pre
 
 def load_tokenizer(cfg_or_path: Any, flag: str = "--tokenizer_path"):
     """The tokenizer in a dir (or, given a step config, of --tokenizer_path, else the one saved beside
-    --model_name_or_path); a UserError naming `flag` when the dir holds none."""
-    from transformers import AutoTokenizer
-
+    --model_name_or_path), with a pad token (utils.tokenizer's rule); a UserError naming `flag` when the dir
+    holds none."""
     path = cfg_or_path
     if not isinstance(cfg_or_path, str):
         path = cfg_or_path.tokenizer_path or cfg_or_path.model_name_or_path
-    if not path or not (Path(path) / "tokenizer_config.json").is_file():
-        raise UserError(f"{path or flag}: no tokenizer_config.json: give step0's tokenizer/ dir ({flag}) or a "
-                        "model dir saved with its tokenizer")
-    return AutoTokenizer.from_pretrained(path)
+    return load_tokenizer_dir(path, flag)
 
 
 def prepare_model(model, cfg: Any, tokenizer=None, always_train: tuple[str, ...] = ()):
