@@ -62,8 +62,12 @@ def within_budget(lines: Iterable[str], char_counts: Counter[str], max_chars: in
     if len(char_counts) <= max_chars:
         yield from lines
         return
-    keep = set(required)
-    rare = "".join(sorted(c for c, _ in char_counts.most_common()[max_chars:] if c not in keep))
+    keep = {c for c in required if c in char_counts}  # the required first, then the most frequent
+    for c, _ in char_counts.most_common():
+        if len(keep) >= max_chars:
+            break
+        keep.add(c)
+    rare = "".join(sorted(c for c in char_counts if c not in keep))
     splitter = re.compile(f"[{re.escape(rare)}]+")
     for line in lines:
         yield from (part for part in splitter.split(line) if part)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +17,25 @@ from data_process.clean import Cleaner, CleanOptions, Doc, KeyTable
 from data_process.main import DEFAULT_RESERVED, DataConfig, main
 from data_process.output import FEATURES
 from data_process.readers import guess_encoding
+from data_process.tasks import HALF_WIDTH
 from data_process.text import normalize, reserved_hash, squash, to_simplified
 from data_process.user import pick_phase
 from utils.text import fold_characters
 
 REPO = Path(__file__).resolve().parent.parent
+TASK_TEXT = re.compile("\n(?:评论|句子)[:：]")  # before the review / sentence of a T1-T3 prompt, typed or not
+_HALF = str.maketrans(HALF_WIDTH)
+
+
+def task_text(prompt: str) -> str:
+    """The review or sentence of a T1-T3 prompt, whether its marks are the template's or typed."""
+    return TASK_TEXT.split(prompt, maxsplit=1)[1]
+
+
+def key(text: str) -> str:
+    """A text's identity across splits and typing: Chinese marks as typed half-width, then `squash` (so a
+    typed prompt's review meets the review itself)."""
+    return squash(text.translate(_HALF))
 
 
 def run_main(argv: list[str]) -> None:
@@ -320,7 +335,7 @@ def strings(row: dict) -> list[str]:
 def units(group: str, row: dict) -> list[str]:
     """The source texts (reviews, sentences, documents) a row was made from, squashed."""
     if group.startswith("pretrain"):
-        return [squash(row["text"])]
+        return [key(row["text"])]
     pair = None
     if "messages" in row:
         prompt, answer = row["messages"][0]["content"], row["messages"][1]["content"]
@@ -332,13 +347,13 @@ def units(group: str, row: dict) -> list[str]:
         prompt, answer = row["prompt"], row.get("reference")  # PPO prompts: no answer unless eval
     if prompt.startswith("续写下面这条评论："):  # T6: prefix + continuation (PPO prompts carry no answer)
         found = [prompt.split("：", 1)[1] + answer] if answer is not None else []
-    elif "\n评论：" in prompt or "\n句子：" in prompt:
-        found = [prompt.split("\n", 1)[1].split("：", 1)[1]]
+    elif TASK_TEXT.search(prompt):
+        found = [task_text(prompt)]
     elif pair is not None:
         found = [pair["chosen"], pair["rejected"]]
     else:
         found = [answer] if answer else []
-    return [squash(u) for u in found]
+    return [key(u) for u in found]
 
 
 def sentence_units(out: Path) -> set[str]:
@@ -347,7 +362,7 @@ def sentence_units(out: Path) -> set[str]:
     for group, rows in all_rows(out).items():
         for row in rows:
             prompt = row["messages"][0]["content"] if "messages" in row else row.get("prompt", "")
-            if "句子：" in prompt:
+            if re.search("句子[:：]", prompt):
                 found |= set(units(group, row))
     return found
 
@@ -397,7 +412,7 @@ def test_demo_answers_follow_the_task_formats(demo):
         if row["task"] == "t1_sentiment":
             assert answer in ("正面", "负面")
         elif row["task"] == "t2_segmentation":
-            assert answer.replace(" ", "") == prompt.split("句子：", 1)[1] and "  " not in answer
+            assert key(answer) == key(task_text(prompt)) and "  " not in answer
         elif row["task"] == "t3_ner":
             assert answer.startswith("人名：") and "；地名：" in answer and "；机构名：" in answer
     for row in load(demo, "preference")["train"]:
@@ -417,7 +432,7 @@ def test_demo_sentiment_labels_do_not_follow_length(demo):
             for r in sft[split] if r["task"] == "t1_sentiment"]
     evals = [json.loads(line) for line in (demo / "eval" / "t1_sentiment.jsonl").read_text().splitlines()]
     for name, pairs in (("sft", rows), ("eval", [(r["prompt"], r["reference"]) for r in evals])):
-        lengths = {label: [len(p.split("评论：", 1)[1]) for p, a in pairs if a == label] for label in ("正面", "负面")}
+        lengths = {label: [len(task_text(p)) for p, a in pairs if a == label] for label in ("正面", "负面")}
         assert len(lengths["正面"]) == len(lengths["负面"]) > 100, name
         ratio = statistics.median(lengths["负面"]) / statistics.median(lengths["正面"])
         assert 0.9 <= ratio <= 1.1, (name, ratio)
@@ -433,8 +448,8 @@ def test_demo_sft_tasks_share_their_units_within_the_split(demo):
     for split in ("train", "validation"):
         rows = list(sft[split])
         tasks.update(r["task"] for r in rows)
-        t1[split] = {r["messages"][0]["content"].split("评论：", 1)[1] for r in rows if r["task"] == "t1_sentiment"}
-        written[split] = {r["messages"][1]["content"] for r in rows if r["task"] in ("t4_positive_review", "t5_review")}
+        t1[split] = {key(task_text(r["messages"][0]["content"])) for r in rows if r["task"] == "t1_sentiment"}
+        written[split] = {key(r["messages"][1]["content"]) for r in rows if r["task"] in ("t4_positive_review", "t5_review")}
     assert len(t1["train"] & written["train"]) > 1000
     assert not t1["train"] & written["validation"] and not t1["validation"] & written["train"]
     assert tasks["t1_sentiment"] > 4000 and 5000 < tasks["t2_segmentation"] <= 6000 and tasks["t3_ner"] == 3000
@@ -451,10 +466,8 @@ def test_demo_no_text_in_two_splits(demo):
                     clashes.append((unit[:30], seen[unit], owner))
     assert not clashes, clashes[:5]
     # task sentences never occur inside a pretraining document of another paragraph
-    import re
-
-    pretrain_sentences = {squash(s) for text in load(demo, "pretrain")["train"]["text"]
-                          for s in re.findall(r"[^。!?]*[。!?]", text)}
+    pretrain_sentences = {key(s) for text in load(demo, "pretrain")["train"]["text"]
+                          for s in re.findall(r"[^。！？!?]*[。！？!?]", text)}
     task_sentences = sentence_units(demo)
     assert len(task_sentences) > 5000 and not task_sentences & pretrain_sentences
 
@@ -472,11 +485,11 @@ def reserved_probes() -> tuple[list[str], set[str], frozenset[str]]:
         lines = source_text(rel).split("\n")
         for n in numbers:
             line = lines[n - 1]
-            text = squash(normalize(untagged(line) if rel.startswith("tag/") else line, simplified=True))
+            text = key(normalize(untagged(line) if rel.startswith("tag/") else line, simplified=True))
             if len(text) >= 12:
                 probes.append(text)
             if rel.startswith("tag/"):
-                sentences |= {squash(s.text) for s in split_sentences(parse_tagged(line))}
+                sentences |= {key(s.text) for s in split_sentences(parse_tagged(line))}
     return probes, sentences, reserved.hashes
 
 
@@ -485,7 +498,7 @@ def test_reserved_lines_appear_in_no_output(demo):
     probes, reserved_sentences, hashes = reserved_probes()
     assert len(probes) > 2500
     texts = [s for rows in all_rows(demo).values() for row in rows for s in strings(row)]
-    haystack = "\x00".join(squash(t) for t in texts)
+    haystack = "\x00".join(key(t) for t in texts)
     found = [p for p in probes if p in haystack]
     assert not found, found[:3]
     # content hashes: no output text or source unit is a (duplicate of a) reserved review
@@ -510,7 +523,7 @@ def test_demo_scale_is_deterministic_and_small(tmp_path):
 def test_pretrain_task_text_adds_train_units_only(tmp_path):
     run_main(["--output_dir", tmp_path / "d", "--demo_scale", "0.05", "--pretrain_task_text"])
     rows = all_rows(tmp_path / "d")
-    pretrain = {squash(r["text"]) for r in rows["pretrain/train"]}
+    pretrain = {key(r["text"]) for r in rows["pretrain/train"]}
     reviews = {u for r in rows["sft/train"] if r["task"] in ("t1_sentiment", "t4_positive_review", "t5_review",
                                                               "t6_continue") for u in units("sft/train", r)}
     assert reviews and reviews <= pretrain
