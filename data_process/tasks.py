@@ -56,10 +56,16 @@ def specific_topic(review: str, cat: str) -> str:
 
 
 def as_typed(prompt: str, rng: random.Random) -> str:
-    """`prompt` as a user might type it: every Chinese mark half-width, or each mark half- or full-width at
-    random (the style drawn per prompt), the way people switch input modes while typing Chinese."""
+    """A T1-T3 `prompt` as a user might type it: the instruction and the label before the text (评论：, 句子：)
+    with every Chinese mark half-width, or each mark half- or full-width at random (the style drawn per
+    prompt), the way people switch input modes while typing; the review or sentence itself stays as it is,
+    as when it is pasted."""
+    head, newline, last = prompt.rpartition("\n")
+    label, colon, text = last.partition("：")
+    typed = head + newline + label + colon
     every = rng.random() < 0.5
-    return "".join(HALF_WIDTH[ch] if ch in HALF_WIDTH and (every or rng.random() < 0.5) else ch for ch in prompt)
+    return "".join(HALF_WIDTH[ch] if ch in HALF_WIDTH and (every or rng.random() < 0.5) else ch
+                   for ch in typed) + text
 
 
 def review_prompt(templates: tuple[str, ...], topic: str, rng: random.Random) -> str:

@@ -17,14 +17,12 @@ from data_process.clean import Cleaner, CleanOptions, Doc, KeyTable
 from data_process.main import DEFAULT_RESERVED, DataConfig, main
 from data_process.output import FEATURES
 from data_process.readers import guess_encoding
-from data_process.tasks import HALF_WIDTH
 from data_process.text import normalize, reserved_hash, squash, to_simplified
 from data_process.user import pick_phase
 from utils.text import fold_characters
 
 REPO = Path(__file__).resolve().parent.parent
 TASK_TEXT = re.compile("\n(?:评论|句子)[:：]")  # before the review / sentence of a T1-T3 prompt, typed or not
-_HALF = str.maketrans(HALF_WIDTH)
 
 
 def task_text(prompt: str) -> str:
@@ -33,9 +31,8 @@ def task_text(prompt: str) -> str:
 
 
 def key(text: str) -> str:
-    """A text's identity across splits and typing: Chinese marks as typed half-width, then `squash` (so a
-    typed prompt's review meets the review itself)."""
-    return squash(text.translate(_HALF))
+    """A text's identity across splits: `squash` (typed prompts keep their review or sentence as it is)."""
+    return squash(text)
 
 
 def run_main(argv: list[str]) -> None:
@@ -397,7 +394,8 @@ def test_typed_eval_twins_hold_the_same_items_with_user_typed_punctuation(demo):
         typed = [json.loads(line) for line in (demo / "eval" / f"{task}_typed.jsonl").read_text().splitlines()]
         assert [r["reference"] for r in typed] == [r["reference"] for r in rows] and len(rows) == 300
         changed = [t["prompt"] for r, t in zip(rows, typed, strict=True) if t["prompt"] != r["prompt"]]
-        assert len(changed) > 0.95 * len(rows)  # mixed typing may keep every mark of a prompt Chinese
+        assert len(changed) > 0.85 * len(rows)  # mixed typing may keep every mark of a prompt Chinese
+        assert all(task_text(t["prompt"]) == task_text(r["prompt"]) for r, t in zip(rows, typed, strict=True))
         assert all(set(p) & set(",:.\"") for p in changed)
         assert sum(set(p) & set("，：。“") != set() for p in changed) > 0.2 * len(rows)  # mixed typing too
     sft = load(demo, "sft")["train"]
