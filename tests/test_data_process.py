@@ -19,7 +19,7 @@ from data_process.output import FEATURES
 from data_process.readers import guess_encoding
 from data_process.text import normalize, reserved_hash, squash, to_simplified
 from data_process.user import pick_phase
-from utils.text import fold_characters
+from utils.text import fold_characters, text_normalizer
 
 REPO = Path(__file__).resolve().parent.parent
 TASK_TEXT = re.compile("\n(?:评论|句子)[:：]")  # before the review / sentence of a T1-T3 prompt, typed or not
@@ -68,9 +68,12 @@ def test_character_normalisation_is_idempotent_on_random_text():
     random mixes of Chinese, full- and half-width marks, letters, digits and spaces."""
     rng = random.Random(0)
     alphabet = "好中国人ABab12１２ＡＢ ，。！？：；（）～…“”、!?:;,.()~\"-　\u2026\uff0e"
-    for _ in range(3000):
+    alphabet += "e\u0301\u0301\u0327ﬁ①㈠ｶﾞ\u3099\u00a0\ue000"  # combining marks, compatibility forms, private use
+    normalizer = text_normalizer()
+    for _ in range(5000):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 24)))
         once = fold_characters(text)
+        assert once == normalizer.normalize_str(text), text  # the skips are exact: the tokenizer's result
         assert fold_characters(once) == once, (text, once)
         assert normalize(normalize(text)) == normalize(text), text
     assert normalize("a\u200bb\u200dc\ufeffd\x07e") == "abcde"  # zero-width, BOM, control

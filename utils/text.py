@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 
 from tokenizers import Regex, normalizers
 
@@ -40,21 +41,50 @@ _CJK_BEFORE = r"[\p{Han}\x{3000}-\x{303F}\x{FF01}-\x{FF5E}\x{2018}\x{2019}\x{201
 MARK_RUN_PASSES = 4
 
 
+def _width_steps() -> list[normalizers.Normalizer]:
+    """Rule 1: NFKC with the kept marks parked on private-use code points meanwhile."""
+    steps: list[normalizers.Normalizer] = [normalizers.Replace(m, p) for m, p in zip(KEPT_MARKS, _PARKED, strict=True)]
+    steps.append(normalizers.NFKC())
+    return steps + [normalizers.Replace(p, m) for m, p in zip(KEPT_MARKS, _PARKED, strict=True)]
+
+
+def _mark_steps() -> list[normalizers.Normalizer]:
+    """Rule 2: ASCII marks after Chinese text to full width, one more mark of a run per pass, the rest of a
+    longer run dropped."""
+    steps = [normalizers.Replace(Regex(f"(?<={_CJK_BEFORE}){re.escape(ascii_mark)}"), full)
+             for _ in range(MARK_RUN_PASSES) for ascii_mark, full in TO_FULL_WIDTH.items()]
+    ascii_marks = re.escape("".join(TO_FULL_WIDTH))
+    steps.append(normalizers.Replace(Regex(f"(?<=[{''.join(TO_FULL_WIDTH.values())}])[{ascii_marks}]+"), ""))
+    return steps
+
+
 @functools.cache
 def text_normalizer() -> normalizers.Normalizer:
     """The normaliser as a `tokenizers` object: serialisable into tokenizer.json, applied by the Rust
     tokenizer before splitting, and callable from Python through `normalize_str`."""
-    steps: list[normalizers.Normalizer] = [normalizers.Replace(m, p) for m, p in zip(KEPT_MARKS, _PARKED, strict=True)]
-    steps.append(normalizers.NFKC())
-    steps += [normalizers.Replace(p, m) for m, p in zip(KEPT_MARKS, _PARKED, strict=True)]
-    for _ in range(MARK_RUN_PASSES):
-        steps += [normalizers.Replace(Regex(f"(?<={_CJK_BEFORE}){re.escape(ascii_mark)}"), full)
-                  for ascii_mark, full in TO_FULL_WIDTH.items()]
-    ascii_marks = re.escape("".join(TO_FULL_WIDTH))
-    steps.append(normalizers.Replace(Regex(f"(?<=[{''.join(TO_FULL_WIDTH.values())}])[{ascii_marks}]+"), ""))
-    return normalizers.Sequence(steps)
+    return normalizers.Sequence(_width_steps() + _mark_steps())
+
+
+@functools.cache
+def _split_normalizers() -> tuple[normalizers.Normalizer, normalizers.Normalizer]:
+    return normalizers.Sequence(_width_steps()), normalizers.Sequence(_mark_steps())
+
+
+# an ASCII mark after any non-ASCII character: a superset of what rule 2 rewrites (its lookbehind class is
+# non-ASCII), so where this finds nothing the rule-2 steps are the identity and can be skipped
+_MAYBE_MARK_AFTER_CJK = re.compile(f"[^\x00-\x7f][{re.escape(''.join(TO_FULL_WIDTH))}]")
+
+
+_KEPT = re.compile(f"[{KEPT_MARKS}]")
+_PARKING = re.compile(f"[{''.join(_PARKED)}]")  # typed private-use code points: rule 1 turns them into marks
 
 
 def fold_characters(text: str) -> str:
-    """`text` under the toolkit's character normalisation (see the module docstring)."""
-    return text_normalizer().normalize_str(text)
+    """`text` under the toolkit's character normalisation (see the module docstring): the same steps as
+    `text_normalizer` (tested equal), each skipped on text it cannot change: rule 1 where the text without
+    the kept marks is NFKC already (a kept mark is parked on a starter while NFKC runs, so it splits the
+    text into pieces NFKC treats alone), rule 2 where no ASCII mark follows a non-ASCII character."""
+    width, marks = _split_normalizers()
+    if _PARKING.search(text) or not unicodedata.is_normalized("NFKC", _KEPT.sub("", text)):
+        text = width.normalize_str(text)
+    return marks.normalize_str(text) if _MAYBE_MARK_AFTER_CJK.search(text) else text
