@@ -49,7 +49,11 @@ def load_tokenizer_dir(path: str | Path, flag: str):
     if not path or not (Path(path) / "tokenizer_config.json").is_file():
         raise UserError(f"{path or flag}: no tokenizer_config.json: give step0's tokenizer/ dir ({flag}) or a "
                         "model dir saved with its tokenizer")
-    for name in TOKENIZER_JSON:
-        if (Path(path) / name).is_file():
-            read_json_file(Path(path) / name, REDO_TOKENIZER)
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(str(path)), f"{flag} {path}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception:
+        for name in TOKENIZER_JSON:  # only on failure: name the damaged file instead of a bare parser message
+            if (Path(path) / name).is_file():
+                read_json_file(Path(path) / name, REDO_TOKENIZER)
+        raise
+    return prepare_tokenizer(tokenizer, f"{flag} {path}")
