@@ -150,12 +150,23 @@ def hf_style_step_fn(trainer, model, work: float) -> Callable[[], float]:
         except StopIteration:
             loader = iter(trainer.get_train_dataloader())
             batch = next(loader)
-        trainer.training_step(model, batch)
+        trainer.training_step(model, batch, None)  # num_items_in_batch: None = the trainer's own normalisation
         torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.args.max_grad_norm)  # as Trainer's own loop
         trainer.optimizer.step()
         trainer.lr_scheduler.step()
         model.zero_grad(set_to_none=True)
         return work
+    return step
+
+
+def rl_step_fn(trainer, stream, record: list) -> Callable[[], float]:
+    """One RL step of an `utils.rl_trainer.RLTrainer` (PPO's or GRPO's) on the next batch of prompts; each
+    step's metrics (time breakdown included) go to `record`; returns the replies sampled."""
+    def step() -> float:
+        metrics, exp = trainer.run_step(next(stream))
+        trainer.state.step += 1
+        record.append(metrics)
+        return float(exp.input_ids.shape[0])
     return step
 
 

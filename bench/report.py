@@ -109,6 +109,25 @@ def dpo(r: dict) -> str:
     return table(["mode", "ours pairs/s", "TRL DPOTrainer pairs/s", "ours / TRL, per round"], rows)
 
 
+def grpo(r: dict) -> str:
+    c = r["config"]
+    split = ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(r["ours_time_split"].items(), key=lambda kv: -kv[1]))
+    out = [f"{c['prompts_per_step']} prompts x {c['group']} replies of {c['reply']} tokens after {c['prompt']}-token "
+           f"prompts per step, {c['preset']} preset, {c['loss']}, {c['dtype']}.", "",
+           table(["run", "samples/s"], [["ours (grpo.py's trainer, ZeRO-0)", rate(r["ours"], 2)],
+                                        ["TRL GRPOTrainer", rate(r["trl_grpo_trainer"], 2)]]),
+           "", f"Ours vs TRL, per round: **{ratio(r['ratio_ours_vs_trl'])}**. Our step's time: {split}.", ""]
+    rows = []
+    for key in sorted(k for k in r if k.startswith("ratio_shared_prefill_reply")):
+        reply = key.removeprefix("ratio_shared_prefill_reply")
+        rows.append([reply, rate(r[f"shared_prefill_reply{reply}"]), rate(r[f"repeated_rows_reply{reply}"]),
+                     f"**{ratio(r[key])}**"])
+    rows.sort(key=lambda row: int(row[0]))
+    out.append(table(["reply tokens", "one prefill per group, new tokens/s", "prompt repeated G times, new tokens/s",
+                      "ratio, per round"], rows))
+    return "\n".join(out)
+
+
 def data(r: dict) -> str:
     c = r["config"]
     out = [f"{c['documents']:,} demo documents ({c['characters']:,} characters).", "",
@@ -149,6 +168,7 @@ def memory(r: dict) -> str:
 
 RENDER = {"train": ("Training throughput", train), "generate": ("Generation", generate), "ppo": ("A PPO step", ppo),
           "rm": ("Reward-model training against TRL", rm), "dpo": ("DPO training against TRL", dpo),
+          "grpo": ("A GRPO step against TRL", grpo),
           "data": ("Data steps", data), "scaling": ("Scaling", scaling), "memory": ("Memory", memory)}
 
 

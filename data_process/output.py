@@ -36,9 +36,10 @@ FEATURES = {
     "preference": datasets.Features({name: datasets.Value("string")
                                      for name in ("prompt", "chosen", "rejected", "kind")}),
     "prompts": datasets.Features({"prompt": datasets.Value("string")}),
+    "rl": datasets.Features({name: datasets.Value("string") for name in ("prompt", "reference", "task")}),
 }
 SPLITS = {"pretrain": ("train", "validation"), "sft": ("train", "validation"),
-          "preference": ("train", "validation"), "prompts": ("train",)}
+          "preference": ("train", "validation"), "prompts": ("train",), "rl": ("train",)}
 
 
 def setup_logging() -> None:
@@ -88,7 +89,7 @@ def atomic_output_dir(target: str | Path) -> Iterator[Path]:
 
 
 class DatasetWriter:
-    """Streams the rows of one dataset (pretrain, sft, preference or prompts) into Arrow files laid out
+    """Streams the rows of one dataset (pretrain, sft, preference, prompts or rl) into Arrow files laid out
     exactly as `DatasetDict.save_to_disk` lays them out (one shard per split), so memory and RSS stay
     flat however many rows there are (save_to_disk would re-read a memory-mapped copy of everything)."""
 

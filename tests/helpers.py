@@ -120,3 +120,88 @@ def make_chat_tokenizer(out: Path, vocab: int = 400):
     hf.chat_template = CHATML
     hf.save_pretrained(out)
     return hf
+
+
+# ----------------------------------------------------------------------------------------------------
+# The two invariances every RL path (PPO, GRPO) is held to, through its real command line
+
+RL_TIMING = ("tok_per_s", "gen_share", "experience_seconds", "train_seconds", "step_seconds")
+
+
+def untimed_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl of a run without its wall-clock figures (throughput, shares, time_* parts)."""
+    from utils.log import read_metrics
+
+    return [{k: v for k, v in m.items() if k not in RL_TIMING and not k.startswith("time_")}
+            for m in read_metrics(run_dir)]
+
+
+def _weights(run_dir: Path, sub: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / sub / "model.safetensors")
+
+
+def assert_rl_resume_is_bit_exact(script: str, args: list[str], tmp_path: Path, steps: int,
+                                  exports: tuple[str, ...]) -> list[dict]:
+    """`script args --output_dir D` run whole, and killed with SIGKILL between checkpoints 2 and `steps`
+    (saved every 2 steps) then run again: the same exports bit for bit, the same metrics (wall-clock figures
+    aside) and samples.jsonl. Returns the metrics."""
+    import torch
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    r = run_python([script, *args, "--output_dir", str(full)], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r, when = sigkill_and_rerun([script, *args, "--output_dir", str(cut)], cut, after=2, until=steps)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr, when
+    for sub in exports:
+        wa, wb = _weights(full, sub), _weights(cut, sub)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), f"{sub} ({when})"
+    ma, mb = untimed_metrics(full), untimed_metrics(cut)
+    assert ma == mb and len([m for m in ma if m["kind"] == "train"]) == steps, when
+    assert (full / "samples.jsonl").read_text() == (cut / "samples.jsonl").read_text(), when
+    return ma
+
+
+def assert_two_processes_match_one(script: str, one_args: list[str], two_args: list[str], tmp_path: Path,
+                                   port: int, exports: tuple[str, ...]) -> None:
+    """`script one_args` in one process and `deepspeed --num_gpus 2 script two_args` (its per-rank batch
+    options halved by the caller) log the same metrics (to float summation order) and export the same
+    weights."""
+    import pytest
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = run_python([script, *one_args, "--output_dir", str(one)], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), script,
+           *two_args, "--output_dir", str(two)]
+    r = subprocess.run(cmd, cwd=REPO, env=clean_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    a, b = untimed_metrics(one), untimed_metrics(two)
+    assert [m["kind"] for m in a] == [m["kind"] for m in b]
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        assert x.get("tokens") == y.get("tokens") and x.get("response_length") == y.get("response_length")
+        for key, value in x.items():
+            if isinstance(value, float):
+                assert y[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    for sub in exports:
+        wa, wb = _weights(one, sub), _weights(two, sub)
+        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5, sub
+
+
+def without_output_dir(args: list[str]) -> list[str]:
+    """A command line with its --output_dir and value taken out (the checks above add their own)."""
+    if "--output_dir" not in args:
+        return list(args)
+    i = args.index("--output_dir")
+    return args[:i] + args[i + 2:]
+
+
+def ragged_mask(lengths: list[int], width: int):
+    """(B, width) float mask with row b's first lengths[b] entries 1 (reply tokens first, then padding)."""
+    import torch
+
+    return torch.tensor([[1.0] * n + [0.0] * (width - n) for n in lengths])

@@ -1,6 +1,6 @@
 """The chain at nano size on a slice of the demo data: every hand-off between steps, in order.
 
-Each later step appends its stage here (reward model, PPO, DPO), reading only the previous steps'
+Each later step appends its stage here (reward model, PPO, DPO, GRPO), reading only the previous steps'
 output directories, exactly as the training scripts do.
 """
 
@@ -20,6 +20,7 @@ from step2_reward_model.main import main as step2_main
 from step2_reward_model.rw_eval import main as rw_eval_main
 from step3_rlhf_ppo.dpo import main as dpo_main
 from step3_rlhf_ppo.evaluate import main as policy_eval_main
+from step3_rlhf_ppo.grpo import main as grpo_main
 from step3_rlhf_ppo.main import main as ppo_main
 from utils.generation import SamplingConfig, generate_replies
 from utils.log import read_metrics
@@ -56,7 +57,18 @@ def chain(tmp_path_factory, dist):
               "--max_steps", "4", "--per_device_generation_batch_size", "4", "--per_device_training_batch_size", "2",
               "--max_answer_seq_len", "12", "--eval_interval", "4", "--eval_batches", "1", "--save_interval", "0",
               "--samples_interval", "2", "--enable_ema", "--dtype", "fp32", "--enable_tensorboard", "false"])
-    for policy in ("step3_ppo", "step3_dpo"):
+    eval_dir = out / "data" / "eval"
+    grpo_main(["--actor_model_name_or_path", str(out / "step1_sft" / "final"), "--data_path", str(out / "data" / "rl"),
+               "--eval_data", *(str(eval_dir / f"{t}.jsonl") for t in ("t1_sentiment", "t2_segmentation", "t3_ner")),
+               "--output_dir", str(out / "step3_grpo"), "--max_steps", "3", "--num_generations", "4",
+               "--per_device_generation_batch_size", "2", "--per_device_training_batch_size", "4",
+               "--max_answer_seq_len", "12", "--eval_interval", "3", "--eval_batches", "1",
+               "--per_device_eval_batch_size", "6", "--save_interval", "0", "--samples_interval", "1",
+               "--kl_coef", "0.05", "--reward_funcs", "task", "repetition", "--dtype", "fp32",
+               "--enable_tensorboard", "false"])
+    score_tasks_main(["--model", str(out / "step3_grpo" / "final"), "--eval_task_dir", str(eval_dir), "--samples", "4",
+                      "--max_new_tokens", "16", "--batch_size", "8", "--out", str(out / "step3_grpo" / "tasks.json")])
+    for policy in ("step3_ppo", "step3_dpo", "step3_grpo"):
         policy_eval_main(["--policy", str(out / policy / "final"), "--baseline", str(out / "step1_sft" / "final"),
                           "--reward_model", str(out / "step2_reward" / "final"), "--prompts",
                           str(out / "data" / "eval" / "prompts.jsonl"), "--num_prompts", "6", "--max_new_tokens", "12",
@@ -152,16 +164,37 @@ def test_ppo_trains_from_sft_and_reward_model_and_exports(chain):
     assert [s["baseline"] for s in report["samples"]] == [s["baseline"] for s in dpo["samples"]]
 
 
+def test_grpo_trains_from_sft_on_the_task_items_and_exports(chain):
+    run = chain / "step3_grpo"
+    train, evals = read_metrics(run, "train"), read_metrics(run, "eval")
+    assert [r["step"] for r in train] == [1, 2, 3] and [r["step"] for r in evals] == [0, 3]
+    for key in ("reward_mean", "reward_task", "reward_repetition", "zero_variance_share", "kl", "kl_k3", "entropy",
+                "response_length", "truncated_share", "clipfrac", "time_generate", "time_actor_train"):
+        assert all(math.isfinite(r.get(key, 0.0)) for r in train) and key in train[-1], key
+    assert train[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first batch is sampled by the reference itself
+    assert 0.0 <= evals[-1]["eval_reward_task"] <= 1.0 and evals[-1]["eval_length"] > 0
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert {s["step"] for s in samples} == {1, 2, 3} and len(samples) == 3 * 2 * 4
+    assert all(s["prompt"] and "reward" in s and "advantage" in s for s in samples)
+    actor = AutoModelForCausalLM.from_pretrained(run / "final")
+    sft = AutoModelForCausalLM.from_pretrained(chain / "step1_sft" / "final")
+    assert max((a - s).abs().max().item() for a, s in zip(actor.parameters(), sft.parameters(), strict=True)) > 0
+    tasks = json.loads((run / "tasks.json").read_text(encoding="utf-8"))
+    assert {"sentiment_acc", "segmentation_f1", "ner_f1", "typed_sentiment_acc"} <= set(tasks)
+
+
 def test_report_card_from_the_outputs(chain):
     from utils.report import build_report
 
     build_report(chain)
     md = (chain / "report.md").read_text(encoding="utf-8")
     for title in ("Data and tokenizer", "Step 1: pretraining", "Step 1: supervised fine-tuning",
-                  "Step 2: reward model", "Step 3: PPO", "Step 3: DPO", "The same prompts"):
+                  "Step 2: reward model", "Step 3: PPO", "Step 3: DPO", "Step 3: GRPO (verifiable task rewards)",
+                  "The same prompts"):
         assert f"## {title}" in md, title
     images = sorted(p.name for p in (chain / "report").glob("*.png"))
     assert {"step1_pretrain_loss.png", "step2_reward_accuracy.png", "step3_ppo_kl.png",
-            "step3_dpo_margin.png"} <= set(images)
+            "step3_dpo_margin.png", "step3_grpo_reward_mean.png", "step3_grpo_eval.png"} <= set(images)
+    assert "| sentiment_acc |" in md.split("## Step 3: GRPO")[1]  # the task table beside SFT's scores
     page = (chain / "report.html").read_text(encoding="utf-8")
     assert page.count("data:image/png;base64,") == len(images) and "<table>" in page

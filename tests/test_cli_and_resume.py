@@ -80,7 +80,7 @@ def test_two_processes_match_one(token_dir, tmp_path):
 
 
 def test_sigkill_then_resume_is_bit_exact(token_dir, tmp_path):
-    steps = ["--max_steps", "120", "--save_interval", "10", "--eval_interval", "40", "--keep_last", "2"]
+    steps = ["--max_steps", "60", "--save_interval", "10", "--eval_interval", "20", "--keep_last", "2"]
     full = tmp_path / "full"
     r = run_python([MAIN, *base_args(token_dir, full), *steps], timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

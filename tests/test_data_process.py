@@ -310,7 +310,7 @@ def demo(tmp_path_factory) -> Path:
 def all_rows(out: Path) -> dict[str, list[dict]]:
     """Every output row, keyed by its split group (dataset/split or eval/file)."""
     groups: dict[str, list[dict]] = {}
-    for name in ("pretrain", "sft", "preference", "prompts"):
+    for name in ("pretrain", "sft", "preference", "prompts", "rl"):
         for split, ds in load(out, name).items():
             groups[f"{name}/{split}"] = list(ds)
     for path in sorted((out / "eval").glob("*.jsonl")):
@@ -371,7 +371,7 @@ def test_demo_layout_and_stats(demo):
     stats = json.loads((demo / "stats.json").read_text())
     assert stats["source"] == "demo"
     for name, splits in (("pretrain", {"train", "validation"}), ("sft", {"train", "validation"}),
-                         ("preference", {"train", "validation"}), ("prompts", {"train"})):
+                         ("preference", {"train", "validation"}), ("prompts", {"train"}), ("rl", {"train"})):
         ds = load(demo, name)
         assert set(ds) == splits and all(len(ds[s]) > 0 for s in splits)
         s = json.loads((demo / name / "stats.json").read_text())
@@ -381,7 +381,7 @@ def test_demo_layout_and_stats(demo):
     sft = load(demo, "sft")["train"]
     assert set(sft["task"]) == {"t1_sentiment", "t2_segmentation", "t3_ner", "t4_positive_review", "t5_review",
                                 "t6_continue"}
-    assert sft.features == FEATURES["sft"]
+    assert sft.features == FEATURES["sft"] and load(demo, "rl")["train"].features == FEATURES["rl"]
     assert set(load(demo, "preference")["train"]["kind"]) == {"review_sentiment", "corrupted_answer"}
     assert set(stats["eval"]) == {"preference", "prompts", "t1_sentiment", "t2_segmentation", "t3_ner",
                                   "t4_positive_review", "t5_review", "t6_continue", "t1_sentiment_typed",
@@ -459,7 +459,9 @@ def test_demo_sft_tasks_share_their_units_within_the_split(demo):
 def test_demo_no_text_in_two_splits(demo):
     seen: dict[str, str] = {}
     clashes = []
-    for group, rows in all_rows(demo).items():
+    groups = all_rows(demo)
+    assert {"sft/train", "preference/train", "prompts/train", "rl/train", "eval/t1_sentiment"} <= set(groups)
+    for group, rows in groups.items():
         owner = "eval" if group.startswith("eval/") else group
         for row in rows:
             for unit in units(group, row):
@@ -471,6 +473,32 @@ def test_demo_no_text_in_two_splits(demo):
                           for s in re.findall(r"[^。！？!?]*[。！？!?]", text)}
     task_sentences = sentence_units(demo)
     assert len(task_sentences) > 5000 and not task_sentences & pretrain_sentences
+
+
+def test_demo_rl_tasks_are_verifiable(demo):
+    """rl/: T1-T3 prompts (drawn after every other split) whose reference is the gold answer in the task's
+    format, so GRPO can score samples with the eval scorers: a reference scores perfectly against itself;
+    T1 comes in length-matched couples and the same share of typed prompts as SFT applies."""
+    from collections import Counter
+
+    from utils.tasks import SCORERS
+
+    rows = list(load(demo, "rl")["train"])
+    tasks = Counter(r["task"] for r in rows)
+    assert tasks["t2_segmentation"] == tasks["t3_ner"] == 600 and 500 < tasks["t1_sentiment"] <= 600
+    assert set(tasks) == {"t1_sentiment", "t2_segmentation", "t3_ner"}
+    stats = json.loads((demo / "stats.json").read_text())
+    assert stats["datasets"]["rl"]["tasks"] == dict(sorted(tasks.items()))
+    metric = {"t1_sentiment": "sentiment_acc", "t2_segmentation": "segmentation_f1", "t3_ner": "ner_f1"}
+    for r in rows:
+        assert task_text(r["prompt"]).strip() and r["reference"]
+        assert SCORERS[r["task"]]([r["reference"]], [r["reference"]])[metric[r["task"]]] == 1.0
+    labels = Counter(r["reference"] for r in rows if r["task"] == "t1_sentiment")
+    assert labels["正面"] == labels["负面"] == tasks["t1_sentiment"] // 2
+    ner = [r for r in rows if r["task"] == "t3_ner"]
+    assert all(r["reference"].startswith("人名：") and "；机构名：" in r["reference"] for r in ner)
+    typed = sum("句子:" in r["prompt"] or "隔开." in r["prompt"] for r in rows if r["task"] == "t2_segmentation")
+    assert 0.2 < typed / 600 < 0.4
 
 
 def reserved_probes() -> tuple[list[str], set[str], frozenset[str]]:
@@ -528,7 +556,7 @@ def test_pretrain_task_text_adds_train_units_only(tmp_path):
     reviews = {u for r in rows["sft/train"] if r["task"] in ("t1_sentiment", "t4_positive_review", "t5_review",
                                                               "t6_continue") for u in units("sft/train", r)}
     assert reviews and reviews <= pretrain
-    held_out = {u for g, group in rows.items() if g.startswith("eval/") or g.endswith("/validation")
+    held_out = {u for g, group in rows.items() if g.startswith(("eval/", "rl/")) or g.endswith("/validation")
                 for r in group for u in units(g, r)}
     assert held_out and not held_out & pretrain
 

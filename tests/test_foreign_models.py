@@ -243,10 +243,11 @@ def test_ppo_scores_the_replys_last_token_and_trains(chain, tmp_path):
     from safetensors.torch import load_file
 
     from step3_rlhf_ppo.main import PPOConfig
-    from step3_rlhf_ppo.ppo_trainer import PPOTrainer, build_engines, encode_prompts
+    from step3_rlhf_ppo.ppo_trainer import PPOTrainer, build_engines
     from utils.config import parse_config
     from utils.dist import choose_precision
     from utils.preference import load_prompts
+    from utils.rl_trainer import encode_prompts
 
     args = ["--actor_model_name_or_path", str(chain["sft"]), "--critic_model_name_or_path", str(chain["rm"]),
             "--data_path", str(chain["prompts"]), "--output_dir", str(tmp_path), "--dtype", "fp32",

@@ -4,16 +4,18 @@ with the sampled tokens), the generation switch, learning a rule reward, CLI err
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, clean_env, run_python
+from helpers import (
+    REPO,
+    assert_rl_resume_is_bit_exact,
+    assert_two_processes_match_one,
+    ragged_mask,
+    run_python,
+    without_output_dir,
+)
 
 from utils.generation import SamplingConfig, left_pad, sample_tokens
 from utils.rl import (
@@ -27,10 +29,6 @@ from utils.rl import (
 )
 
 MAIN = str(REPO / "step3_rlhf_ppo" / "main.py")
-
-
-def ragged_mask(lengths: list[int], width: int) -> torch.Tensor:
-    return torch.tensor([[1.0] * n + [0.0] * (width - n) for n in lengths])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -129,10 +127,10 @@ def ppo_dirs(chat_tokenizer, tmp_path_factory):
 def test_logprobs_line_up_with_the_sampled_tokens(ppo_dirs, chat_tokenizer):
     """The experience layout scores token j of the reply from position P + j - 1: the same log-probs
     generate computed when it sampled them (the off-by-one test), with prompts of different lengths."""
-    from step3_rlhf_ppo.ppo_trainer import Experience, position_ids, reply_logits, reply_mask
     from utils.chat import prompt_ids
     from utils.generation import stop_token_ids
     from utils.model import load_causal_lm
+    from utils.rl_trainer import Experience, position_ids, reply_logits, reply_mask
 
     model = load_causal_lm(ppo_dirs / "sft").eval()
     rows = [prompt_ids(chat_tokenizer, [{"role": "user", "content": p}]) for p in ("好", "说说你对这家酒店的看法。")]
@@ -226,11 +224,12 @@ class EvenTokenReward(torch.nn.Module):
 
 def test_ppo_raises_a_rule_reward(ppo_dirs, chat_tokenizer, dist, tmp_path):
     from step3_rlhf_ppo.main import PPOConfig
-    from step3_rlhf_ppo.ppo_trainer import PPOTrainer, build_engines, encode_prompts
+    from step3_rlhf_ppo.ppo_trainer import PPOTrainer, build_engines
     from utils.config import parse_config
     from utils.dist import choose_precision
     from utils.log import read_metrics
     from utils.preference import load_prompts
+    from utils.rl_trainer import encode_prompts
 
     cfg = parse_config(PPOConfig, [
         "--actor_model_name_or_path", str(ppo_dirs / "sft"), "--critic_model_name_or_path", str(ppo_dirs / "rm"),
@@ -301,68 +300,18 @@ def test_bad_input_one_line_exit_2(ppo_dirs, tmp_path, swap, extra, expected):
 
 
 def test_sigkill_then_resume_is_bit_exact(ppo_dirs, tmp_path):
-    from safetensors.torch import load_file
-
-    from utils.log import read_metrics
-
-    steps = ["--max_steps", "6", "--save_interval", "2", "--eval_interval", "3"]
-    full = tmp_path / "full"
-    r = run_python([MAIN, *base_args(ppo_dirs, full), *steps], timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, MAIN, *base_args(ppo_dirs, cut), *steps], cwd=REPO, env=clean_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (cut / "checkpoints" / "step00000004").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (cut / "done").exists(), "the run finished before it could be killed"
-    r = run_python([MAIN, *base_args(ppo_dirs, cut), *steps], timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from" in r.stderr
-    for sub in ("final", "critic"):
-        wa, wb = load_file(full / sub / "model.safetensors"), load_file(cut / sub / "model.safetensors")
-        assert all(torch.equal(wa[k], wb[k]) for k in wa), sub
-    timing = ("tok_per_s", "gen_share", "experience_seconds", "train_seconds")
-    ma, mb = ([{k: v for k, v in m.items() if k not in timing and not k.startswith("time_")} for m in read_metrics(d)]
-              for d in (full, cut))
-    assert ma == mb and len([m for m in ma if m["kind"] == "train"]) == 6
-    assert (full / "samples.jsonl").read_text() == (cut / "samples.jsonl").read_text()
+    args = [*base_args(ppo_dirs, tmp_path), "--max_steps", "6", "--save_interval", "2", "--eval_interval", "3"]
+    assert_rl_resume_is_bit_exact(MAIN, without_output_dir(args), tmp_path, 6, ("final", "critic"))
 
 
 def test_two_processes_match_one(ppo_dirs, tmp_path):
     """deepspeed --num_gpus 2 with 2 prompts per rank == 1 process with 4: every prompt samples from its
     own seeded generator and mini-batches are cut the same way, so replies, rewards, losses and the
     trained weights agree (up to float summation order)."""
-    from safetensors.torch import load_file
-
-    from utils.log import read_metrics
-
     steps = ["--max_steps", "3", "--save_interval", "0", "--eval_interval", "3"]
-    one = tmp_path / "one"
-    r = run_python([MAIN, *base_args(ppo_dirs, one), *steps], timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    two = tmp_path / "two"
-    args = base_args(ppo_dirs, two)
+    one = [*without_output_dir(base_args(ppo_dirs, tmp_path)), *steps]
+    two = list(one)
     for flag, value in (("--per_device_generation_batch_size", "2"), ("--per_device_training_batch_size", "1"),
                         ("--per_device_eval_batch_size", "2")):
-        args[args.index(flag) + 1] = value
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", "29613", MAIN,
-           *args, *steps]
-    r = subprocess.run(cmd, cwd=REPO, env=clean_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    timing = ("tok_per_s", "gen_share", "experience_seconds", "train_seconds")
-    a, b = ([{k: v for k, v in m.items() if k not in timing and not k.startswith("time_")} for m in read_metrics(d)]
-            for d in (one, two))
-    assert [m["kind"] for m in a] == [m["kind"] for m in b] == ["eval", "train", "train", "train", "eval"]
-    for x, y in zip(a, b, strict=True):
-        assert x.keys() == y.keys()
-        assert x.get("tokens") == y.get("tokens") and x.get("response_length") == y.get("response_length")
-        for key, value in x.items():
-            if isinstance(value, float):
-                assert y[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
-    for sub in ("final", "critic"):
-        wa, wb = load_file(one / sub / "model.safetensors"), load_file(two / sub / "model.safetensors")
-        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5, sub
+        two[two.index(flag) + 1] = value
+    assert_two_processes_match_one(MAIN, one, two, tmp_path, 29613, ("final", "critic"))

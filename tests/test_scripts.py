@@ -13,7 +13,7 @@ from helpers import REPO, clean_env
 
 from data_process.example_corpora import main as example_corpora
 
-STEPS = ("step1_pretrain", "step1_sft", "step2_reward", "step3_ppo", "step3_dpo")
+STEPS = ("step1_pretrain", "step1_sft", "step2_reward", "step3_ppo", "step3_dpo", "step3_grpo")
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,9 @@ def smoke(tmp_path_factory):
     first = subprocess.run(["bash", str(REPO / "training_scripts" / "run_all.sh"), str(out)], cwd=out.parent,
                            env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    # again without the launcher: what is under test is that every finished step is skipped
     again = subprocess.run(["bash", str(REPO / "training_scripts" / "run_all.sh"), str(out)], cwd=out.parent,
-                           env=env, capture_output=True, text=True, timeout=600)
+                           env={**env, "LAUNCHER": "python"}, capture_output=True, text=True, timeout=600)
     return out, first, again
 
 
@@ -35,12 +36,14 @@ def test_run_all_runs_every_step_and_writes_the_report(smoke):
         assert (out / step / "done").is_file() and (out / step / "final" / "config.json").is_file(), step
     launched = [ln for ln in first.stderr.splitlines() if ln.startswith("+ ") and "deepspeed.launcher.runner" in ln]
     assert len(launched) == len(STEPS)  # every training step went through DeepSpeed's launcher
-    for step in ("step3_ppo", "step3_dpo"):  # the comparison with the SFT model
+    for step in ("step3_ppo", "step3_dpo", "step3_grpo"):  # the comparison with the SFT model
         assert 0 <= json.loads((out / step / "eval.json").read_text())["win_rate"] <= 1
+    assert {"sentiment_acc", "ner_f1"} <= set(json.loads((out / "step3_grpo" / "tasks.json").read_text()))
     assert (out / "step2_reward" / "rw_eval.json").is_file()
     report = (out / "report.md").read_text(encoding="utf-8")
     assert all(f"## {name}" in report for name in ("Step 1: pretraining", "Step 1: supervised fine-tuning",
-                                                   "Step 2: reward model", "Step 3: PPO", "Step 3: DPO"))
+                                                   "Step 2: reward model", "Step 3: PPO", "Step 3: DPO",
+                                                   "Step 3: GRPO (verifiable task rewards)"))
     assert (out / "report.html").is_file() and list((out / "report").glob("*.png"))
 
 
@@ -53,25 +56,32 @@ def test_run_all_again_skips_every_finished_step(smoke):
     assert "train:" not in again.stderr and "ppo:" not in again.stderr  # no training step ran
 
 
-@pytest.mark.parametrize("script", ["data_process/main.py", "data_process/make_pairs.py", "step0_tokenizer/main.py",
-                                    "step1_pretrain_sft/main.py", "step1_pretrain_sft/chat.py",
-                                    "step1_pretrain_sft/serve.py", "step2_reward_model/main.py",
-                                    "step2_reward_model/rw_eval.py", "step3_rlhf_ppo/main.py", "step3_rlhf_ppo/dpo.py",
-                                    "step3_rlhf_ppo/evaluate.py"])
-def test_every_entry_point_answers_help_from_any_directory(tmp_path, script):
-    proc = subprocess.run([sys.executable, str(REPO / script), "--help"], cwd=tmp_path, env=clean_env(),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-1000:]
+ENTRY_POINTS = ("data_process/main.py", "data_process/make_pairs.py", "step0_tokenizer/main.py",
+                "step1_pretrain_sft/main.py", "step1_pretrain_sft/chat.py", "step1_pretrain_sft/serve.py",
+                "step1_pretrain_sft/score_tasks.py", "step2_reward_model/main.py", "step2_reward_model/rw_eval.py",
+                "step3_rlhf_ppo/main.py", "step3_rlhf_ppo/dpo.py", "step3_rlhf_ppo/grpo.py",
+                "step3_rlhf_ppo/evaluate.py")
+
+
+def test_every_entry_point_answers_help_from_any_directory(tmp_path):
+    # all at once: each start is mostly importing torch, which two cores do twice as fast side by side
+    procs = {script: subprocess.Popen([sys.executable, str(REPO / script), "--help"], cwd=tmp_path, env=clean_env(),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for script in ENTRY_POINTS}
+    for script, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "usage:" in out, f"{script}: {err[-1000:]}"
 
 
 def test_run_all_on_user_files_only(tmp_path):
     """The chain on files in public corpora's schemas (wikiextractor, webtext2019zh, HF conversational
-    preference; no demo data, no task evals) through DeepSpeed's launcher: every step trains, evaluates on
-    what data_process held out of the user's rows, and the report card is written."""
+    preference; no demo data, no task evals, no RL task rows): every step trains, evaluates on what
+    data_process held out of the user's rows, and the report card is written. One process per step without
+    the launcher (the demo smoke run above goes through it)."""
     out = tmp_path / "mine"
     files = example_corpora(["--out", str(tmp_path / "corpora")])  # the README's worked example
     env = clean_env(FAST="1", PRESET="nano", VOCAB_SIZE="600", MASTER_PORT="29627", PY=sys.executable,
-                    PRETRAIN_DATA=str(files["pretrain"]), SFT_DATA=str(files["sft"]),
+                    LAUNCHER="python", PRETRAIN_DATA=str(files["pretrain"]), SFT_DATA=str(files["sft"]),
                     PREF_DATA=str(files["preference"]))
     proc = subprocess.run(["bash", str(REPO / "training_scripts" / "run_all.sh"), str(out)], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=900)
@@ -79,9 +89,12 @@ def test_run_all_on_user_files_only(tmp_path):
     data = json.loads((out / "data" / "stats.json").read_text())
     assert data["source"] == "user" and data["pretrain"]["train"] > 500
     assert not list((out / "data" / "eval").glob("t*_*.jsonl"))  # no demo task evals
-    launched = [ln for ln in proc.stderr.splitlines() if ln.startswith("+ ") and "deepspeed.launcher.runner" in ln]
-    assert len(launched) == len(STEPS)
-    for step in STEPS:
+    user_steps = [step for step in STEPS if step != "step3_grpo"]
+    scripts = ("step1_pretrain_sft/main.py", "step2_reward_model/main.py", "step3_rlhf_ppo/main.py",
+               "step3_rlhf_ppo/dpo.py")
+    launched = [ln for ln in proc.stderr.splitlines() if ln.startswith("+ ") and any(s in ln for s in scripts)]
+    assert len(launched) == len(user_steps) and not (out / "step3_grpo").exists()  # no RL task rows: no GRPO
+    for step in user_steps:
         assert (out / step / "done").is_file(), step
     sft_evals = [json.loads(ln) for ln in (out / "step1_sft" / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in m for m in sft_evals) and not any("sentiment_acc" in m for m in sft_evals)

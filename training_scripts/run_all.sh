@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole chain, one step after another:
-#   data + tokenizer -> pretrain -> SFT -> reward model -> PPO -> DPO
+#   data + tokenizer -> pretrain -> SFT -> reward model -> PPO -> DPO -> GRPO (verifiable task rewards)
 #   bash training_scripts/run_all.sh [OUTPUT]          (make demo; FAST=1 for a smoke-sized run)
 # On the built-in Chinese demo data by default; on your own files with PRETRAIN_DATA / SFT_DATA / PREF_DATA /
 # PROMPT_DATA (or a built DATA_DIR), and from an existing Hugging Face model with BASE_MODEL (no tokenizer
@@ -25,6 +25,9 @@ if [ -f "$(data_dir)/preference/dataset_dict.json" ]; then
     bash "$HERE/step3_dpo.sh" "$OUTPUT"      # DPO, then DPO vs SFT under the reward model
 else
     echo "+ no preference pairs in $(data_dir)/preference: reward model, PPO and DPO skipped" >&2
+fi
+if [ -f "$(data_dir)/rl/dataset_dict.json" ]; then
+    bash "$HERE/step3_grpo.sh" "" "" "$OUTPUT"  # GRPO on the verifiable task items, then their held-out scores
 fi
 
 # the report card: OUTPUT/report.md and report.html, rebuilt from the steps' outputs

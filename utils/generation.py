@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
+    DynamicCache,
     LogitsProcessor,
     LogitsProcessorList,
+    PreTrainedModel,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -96,17 +98,38 @@ def left_pad(rows: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Tens
 
 @torch.no_grad()
 def sample_tokens(model, ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingConfig, tokenizer,
-                  synced_gpus: bool = False, streamer=None) -> torch.Tensor:
-    """The (B, N) tokens `model.generate` appends to the left-padded prompts `ids` (rows that stop early are
-    padded with the pad id). `model` is anything with HF's generate (a model, a PeftModel, DeepSpeed's
-    hybrid engine). Seeded sampling runs in a forked RNG, so the caller's random state is untouched."""
+                  synced_gpus: bool = False, streamer=None, group_size: int = 1) -> torch.Tensor:
+    """The (B * group_size, N) tokens `model.generate` appends to the left-padded prompts `ids` (rows that
+    stop early are padded with the pad id); with group_size G, rows g*G .. g*G + G - 1 continue prompt g.
+    `model` is anything with HF's generate (a model, a PeftModel, DeepSpeed's hybrid engine). Seeded
+    sampling runs in a forked RNG, so the caller's random state is untouched.
+
+    The G samples of a prompt share its prefill (`shared_prefill`), unless `model` is not a plain HF
+    model (DeepSpeed's hybrid engine runs its own kernels): then the prompt rows are repeated."""
     device = ids.device
+    cache = None
+    if group_size > 1:
+        if isinstance(model, PreTrainedModel) or hasattr(model, "get_base_model"):
+            cache = shared_prefill(model, ids, mask, group_size)
+        ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(sampling.seed)
         out = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=stop_token_ids(tokenizer),
                              pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus, streamer=streamer,
-                             **sampling.generate_kwargs())
+                             past_key_values=cache, **sampling.generate_kwargs())
     return out[:, ids.shape[1]:]
+
+
+def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, group_size: int) -> DynamicCache:
+    """The KV cache of every prompt token but the last, computed once per prompt and repeated for the G
+    rows of its group: generate then runs only the last prompt token and the reply per row, instead of
+    G prefills of the same prompt. Positions are counted over the attention mask, as generate counts them."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+          past_key_values=cache, use_cache=True)
+    cache.batch_repeat_interleave(group_size)
+    return cache
 
 
 @torch.no_grad()

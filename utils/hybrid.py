@@ -99,15 +99,18 @@ class GenerationSwitch:
         return self._copy
 
     @torch.no_grad()
-    def generate(self, ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-        """(B, N) sampled tokens after the left-padded prompts (pad id after a row's stop token)."""
+    def generate(self, ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingConfig,
+                 group_size: int = 1) -> torch.Tensor:
+        """(B * group_size, N) sampled tokens after the left-padded prompts (pad id after a row's stop
+        token), group_size consecutive rows per prompt (utils.generation.sample_tokens)."""
         start = time.perf_counter()
         self.engine.eval()
         try:
             if self.use_hybrid_engine:
-                out = sample_tokens(self.engine, ids, mask, sampling, self.tokenizer)
+                out = sample_tokens(self.engine, ids, mask, sampling, self.tokenizer, group_size=group_size)
             else:
-                out = sample_tokens(self._generation_model(), ids, mask, sampling, self.tokenizer)
+                out = sample_tokens(self._generation_model(), ids, mask, sampling, self.tokenizer,
+                                    group_size=group_size)
         finally:
             self.engine.train()
         self.seconds += time.perf_counter() - start

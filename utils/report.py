@@ -4,9 +4,10 @@ config.json, eval.json, data stats); no model is loaded.
     python -m utils.report OUTPUT            -> OUTPUT/report.md, OUTPUT/report.html, OUTPUT/report/*.png
 
 Per step: data counts, parameters, tokens, wall time, tokens/s and final metrics (bits/char; SFT task
-scores; reward-model accuracy; PPO and DPO reward, KL, win-rate vs SFT and degeneration figures), PNG
-plots, and the same held-out prompts answered by the SFT, PPO and DPO models side by side (taken from the
-two eval.json files, which sample the SFT model with the same prompts and seed). Steps not run yet are
+scores; reward-model accuracy; PPO and DPO reward, KL, win-rate vs SFT and degeneration figures; GRPO's
+task scores beside SFT's), PNG plots, and the same held-out prompts answered by the SFT, PPO, DPO and GRPO
+models side by side (taken from the eval.json files, which sample the SFT model with the same prompts and
+seed). Steps not run yet are
 left out. The report is a list of blocks rendered twice, as Markdown and as one self-contained HTML page.
 """
 
@@ -33,7 +34,9 @@ STEPS = {  # dir under OUTPUT -> title
     "step2_reward": "Step 2: reward model",
     "step3_ppo": "Step 3: PPO",
     "step3_dpo": "Step 3: DPO",
+    "step3_grpo": "Step 3: GRPO (verifiable task rewards)",
 }
+TASK_SCORES = ("sentiment_acc", "segmentation_f1", "ner_f1")
 
 
 @dataclass
@@ -140,7 +143,8 @@ def _run_facts(run: Path) -> list[list[Any]]:
     wall = summary.get("wall_seconds")
     tok_s = summary.get("tok_per_s") or (summary.get("tokens", 0) / wall if wall else None)
     facts = [["parameters", params], ["precision", cfg.get("precision")], ["processes", cfg.get("world_size")],
-             ["optimizer steps" if "optimizer_steps_per_ppo_step" not in cfg else "PPO steps", summary.get("steps")],
+             ["RL steps" if "optimizer_steps_per_ppo_step" in cfg or "optimizer_steps_per_rl_step" in cfg
+              else "optimizer steps", summary.get("steps")],
              ["tokens", summary.get("tokens")], ["wall time (min)", wall / 60 if wall else None],
              ["tokens/s", tok_s]]
     if "generation_share" in summary:
@@ -194,7 +198,7 @@ def _step_section(rep: Report, out: Path, name: str, title: str, figs: Path) -> 
         plots.append(_plot(figs / f"{name}_loss.png", "Pretraining loss",
                            {"train": _xy(train, "loss"), "held-out": _xy(evals, "loss")}, "loss"))
     elif name == "step1_sft":
-        scores = ("sentiment_acc", "segmentation_f1", "ner_f1")
+        scores = TASK_SCORES
         tasks = [[k, final[k]] for k in ("loss", *scores, *(TYPED_PREFIX + s for s in scores)) if k in final]
         rep.add("table", (["held-out metric (typed_: prompts as users type them)", "final"], tasks))
         plots.append(_plot(figs / f"{name}_loss.png", "SFT loss",
@@ -220,21 +224,42 @@ def _step_section(rep: Report, out: Path, name: str, title: str, figs: Path) -> 
                            {"train": _xy(train, "margin"), "held-out": _xy(evals, "margin")}))
         plots.append(_plot(figs / f"{name}_accuracy.png", "DPO implicit reward accuracy",
                            {"train": _xy(train, "accuracy"), "held-out": _xy(evals, "accuracy")}))
+    elif name == "step3_grpo":
+        _task_table(rep, out, run)
+        _eval_table(rep, run)
+        for key, label in (("reward_mean", "reward (weighted sum)"), ("zero_variance_share", "groups with equal rewards"),
+                           ("response_length", "reply length (tokens)"), ("entropy", "entropy (per token)")):
+            plots.append(_plot(figs / f"{name}_{key}.png", f"GRPO {label}", {key: _xy(train, key)}, xlabel="RL step"))
+        plots.append(_plot(figs / f"{name}_eval.png", "GRPO held-out reward (greedy)",
+                           {k.removeprefix("eval_"): _xy(evals, k) for k in (evals[-1] if evals else {})
+                            if k.startswith("eval_reward")}, xlabel="RL step"))
     for p in plots:
         if p is not None:
             rep.add("img", p)
 
 
+def _task_table(rep: Report, out: Path, run: Path) -> None:
+    """The held-out task scores of the RL export (tasks.json) beside the SFT model's final evaluation."""
+    scores = _read_json(run / "tasks.json")
+    sft = read_metrics(out / "step1_sft", "eval")
+    sft = sft[-1] if sft else {}
+    keys = [k for p in ("", TYPED_PREFIX) for k in (p + s for s in TASK_SCORES) if k in scores]
+    if keys:
+        rep.add("table", (["held-out task (greedy; typed_: prompts as users type them)", "SFT", "after RL"],
+                          [[k, sft.get(k, ""), scores[k]] for k in keys]))
+
+
 def _side_by_side(rep: Report, out: Path, n: int = 5) -> None:
-    ppo, dpo = _read_json(out / "step3_ppo" / "eval.json"), _read_json(out / "step3_dpo" / "eval.json")
-    sources = {name: r["samples"] for name, r in (("PPO", ppo), ("DPO", dpo)) if r.get("samples")}
+    evals = {name: _read_json(out / f"step3_{name.lower()}" / "eval.json") for name in ("PPO", "DPO", "GRPO")}
+    sources = {name: r["samples"] for name, r in evals.items() if r.get("samples")}
     if not sources:
         return
     first = next(iter(sources.values()))
-    same = all(r.get("sampling") == (ppo or dpo).get("sampling") for r in (ppo, dpo) if r)
+    reference = next(r for r in evals.values() if r)
+    same = all(r.get("sampling") == reference.get("sampling") for r in evals.values() if r)
     rep.add("h2", "The same prompts, answered by each model")
     rep.add("p", "Sampled with the same seed and settings; the SFT answers come from the first evaluation"
-                 + ("" if same else " (the two evaluations used different sampling settings)") + ".")
+                 + ("" if same else " (the evaluations used different sampling settings)") + ".")
     rows = []
     for i, sample in enumerate(first[:n]):
         row = [sample["prompt"], sample["baseline"]]
