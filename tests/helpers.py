@@ -144,15 +144,16 @@ def _weights(run_dir: Path, sub: str) -> dict:
 
 def assert_rl_resume_is_bit_exact(script: str, args: list[str], tmp_path: Path, steps: int,
                                   exports: tuple[str, ...]) -> list[dict]:
-    """`script args --output_dir D` run whole, and killed with SIGKILL between checkpoints 2 and `steps`
-    (saved every 2 steps) then run again: the same exports bit for bit, the same metrics (wall-clock figures
+    """`script args --output_dir D` run whole, and killed with SIGKILL after a checkpoint (saved every 2
+    steps) that leaves at least 2 more steps to run (a nano run finishes its last steps in a blink), then
+    run again: the same exports bit for bit, the same metrics (wall-clock figures
     aside) and samples.jsonl. Returns the metrics."""
     import torch
 
     full, cut = tmp_path / "full", tmp_path / "cut"
     r = run_python([script, *args, "--output_dir", str(full)], timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    r, when = sigkill_and_rerun([script, *args, "--output_dir", str(cut)], cut, after=2, until=steps)
+    r, when = sigkill_and_rerun([script, *args, "--output_dir", str(cut)], cut, after=2, until=steps - 2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr, when
     for sub in exports:

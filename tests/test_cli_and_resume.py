@@ -25,22 +25,32 @@ def base_args(token_dir: Path, out: Path) -> list[str]:
             "--learning_rate", "3e-3", "--dtype", "fp32", "--enable_tensorboard", "false"]
 
 
-@pytest.mark.parametrize("flag,value,expected", [
-    ("--learning_rate", "-0.1", "--learning_rate=-0.1 is invalid: must be > 0"),
-    ("--per_device_train_batch_size", "0", "--per_device_train_batch_size=0 is invalid"),
-    ("--preset", "huge", "--preset='huge' is invalid: choose one of nano, tiny, small, base"),
-    ("--zero_stage", "5", "--zero_stage=5 is invalid: choose one of 0, 1, 2, 3"),
-    ("--max_steps", "ten", "--max_steps='ten' is not a valid int"),
+@pytest.mark.parametrize("flag,value,expected,subprocess_run", [
+    ("--learning_rate", "-0.1", "--learning_rate=-0.1 is invalid: must be > 0", True),
+    ("--per_device_train_batch_size", "0", "--per_device_train_batch_size=0 is invalid", False),
+    ("--preset", "huge", "--preset='huge' is invalid: choose one of nano, tiny, small, base", False),
+    ("--zero_stage", "5", "--zero_stage=5 is invalid: choose one of 0, 1, 2, 3", False),
+    ("--max_steps", "ten", "--max_steps='ten' is not a valid int", False),
 ])
-def test_bad_value_one_line_exit_2(token_dir, tmp_path, flag, value, expected):
+def test_bad_value_one_line_exit_2(token_dir, tmp_path, capsys, flag, value, expected, subprocess_run):
+    """Exactly one line on stderr, exit 2, nothing written: through the real command line once (no
+    traceback, no logging before the error), in this process for the other values."""
+    from step1_pretrain_sft.main import main as step1_main
+
     out = tmp_path / "run"
     args = [a for a in base_args(token_dir, out) if a not in ("--preset", "nano")]
     if flag != "--preset":
         args += ["--preset", "nano"]
-    result = run_python([MAIN, *args, flag, value], timeout=120)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    if subprocess_run:
+        result = run_python([MAIN, *args, flag, value], timeout=120)
+        code, stderr = result.returncode, result.stderr
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            step1_main([*args, flag, value])
+        code, stderr = exit_info.value.code, capsys.readouterr().err
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], stderr
     assert not out.exists()  # nothing written
 
 

@@ -145,7 +145,9 @@ def test_task_scores_on_fixed_answers():
     assert task_score("t1_sentiment", "正面的", "正面") == 0.0
     assert task_score("t2_segmentation", "我 爱 北京", "我 爱 北京") == 1.0
     assert task_score("t2_segmentation", "我爱 北京", "我 爱 北京") == pytest.approx(2 * 0.5 * (1 / 3) / (0.5 + 1 / 3))
-    assert task_score("t2_segmentation", "我 爱 上海", "我 爱 北京") == 0.0  # not the sentence: malformed
+    # a miscopied word earns nothing, even in the right place; the rest still count
+    assert task_score("t2_segmentation", "我 爱 上海", "我 爱 北京") == pytest.approx(2 / 3)
+    assert task_score("t2_segmentation", "", "我 爱 北京") == 0.0
     ref = "人名：张三；地名：北京；机构名：无"
     assert task_score("t3_ner", ref, ref) == 1.0
     assert task_score("t3_ner", "人名：张三；地名：无；机构名：无", ref) == pytest.approx(2 / 3)
@@ -370,9 +372,9 @@ def test_bad_input_one_line_exit_2(grpo_dirs, tmp_path, capsys, dist, extra, row
 
 
 def test_sigkill_then_resume_is_bit_exact(grpo_dirs, tmp_path):
-    args = [*without_output_dir(cli_args(grpo_dirs, tmp_path)), "--max_steps", "6", "--save_interval", "2",
+    args = [*without_output_dir(cli_args(grpo_dirs, tmp_path)), "--max_steps", "8", "--save_interval", "2",
             "--eval_interval", "3"]
-    metrics = assert_rl_resume_is_bit_exact(GRPO, args, tmp_path, 6, ("final",))
+    metrics = assert_rl_resume_is_bit_exact(GRPO, args, tmp_path, 8, ("final",))
     assert {"reward_task", "reward_repetition", "kl_k3", "zero_variance_share", "eval_reward_task"} <= {
         k for m in metrics for k in m}
 

@@ -283,19 +283,28 @@ def base_args(dirs: Path, out: Path) -> list[str]:
             "--per_device_eval_batch_size", "4", "--samples_interval", "2", "--ppo_epochs", "2"]
 
 
-@pytest.mark.parametrize("swap, extra, expected", [
-    (True, [], "reward"),  # a reward model where the actor is expected
-    (False, ["--per_device_generation_batch_size", "5"], "multiple of"),
-    (False, ["--offload_reference_model"], "actor_zero_stage 3"),
+@pytest.mark.parametrize("swap, extra, expected, subprocess_run", [
+    (True, [], "reward", True),  # a reward model where the actor is expected
+    (False, ["--per_device_generation_batch_size", "5"], "multiple of", False),
+    (False, ["--offload_reference_model"], "actor_zero_stage 3", False),
 ])
-def test_bad_input_one_line_exit_2(ppo_dirs, tmp_path, swap, extra, expected):
+def test_bad_input_one_line_exit_2(ppo_dirs, tmp_path, capsys, swap, extra, expected, subprocess_run):
+    """One error line, exit 2, no final/: through the real command line once, in this process for the rest."""
+    from step3_rlhf_ppo.main import main as ppo_main
+
     args = base_args(ppo_dirs, tmp_path / "run")
     if swap:
         args[1] = str(ppo_dirs / "rm")
-    r = run_python([MAIN, *args, *extra], timeout=120)
-    assert r.returncode == 2, r.stderr[-2000:]
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in r.stderr
+    if subprocess_run:
+        r = run_python([MAIN, *args, *extra], timeout=120)
+        code, stderr = r.returncode, r.stderr
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            ppo_main([*args, *extra])
+        code, stderr = exit_info.value.code, capsys.readouterr().err
+    assert code == 2, stderr[-2000:]
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in stderr
     assert not (tmp_path / "run" / "final").exists()
 
 

@@ -51,7 +51,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 # SIGKILL at a random moment, then the same command again
 
 def step_command(step: str, root: Path, out: Path) -> list[str]:
-    common = ["--output_dir", str(out), "--dtype", "fp32", "--enable_tensorboard", "false", "--max_steps", "60",
+    common = ["--output_dir", str(out), "--dtype", "fp32", "--enable_tensorboard", "false", "--max_steps", "36",
               "--save_interval", "4", "--eval_interval", "20", "--keep_last", "2", "--learning_rate", "3e-3",
               "--per_device_train_batch_size", "2", "--max_seq_len", "96"]
     if step == "sft":
@@ -73,7 +73,7 @@ def test_sigkill_then_rerun_ends_where_an_uninterrupted_run_ends(inputs, tmp_pat
     wa, wb = load_file(full / "final" / "model.safetensors"), load_file(cut / "final" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa), when
     ma, mb = ([{k: v for k, v in m.items() if k not in TIMING} for m in read_metrics(d)] for d in (full, cut))
-    assert ma == mb and len([m for m in ma if m["kind"] == "train"]) == 60, when
+    assert ma == mb and len([m for m in ma if m["kind"] == "train"]) == 36, when
 
 
 # ----------------------------------------------------------------------------------------------------

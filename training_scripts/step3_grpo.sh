@@ -5,6 +5,8 @@
 #   bash training_scripts/step3_grpo.sh [ACTOR_MODEL_PATH] [ACTOR_ZERO_STAGE] [OUTPUT]
 # Reads DATA/rl and DATA/eval (DATA: DATA_DIR or OUTPUT/data); writes OUTPUT/step3_grpo (final/, samples.jsonl,
 # tasks.json, eval.json).
+# Defaults: 100 steps of 8 prompts x 8 replies in one mini-batch (one optimizer step per batch), lr 5e-5,
+# temperature 0.8 (docs/RESULTS.md has the runs behind them).
 # Knobs: STEPS, GEN_BATCH (prompts per step), GROUP (replies per prompt), TRAIN_BATCH, LR, KL, TEMPERATURE,
 # ANSWER_LEN, ESTIMATOR (grpo|dr_grpo|rloo|reinforce_pp), AGGREGATION (token_mean|seq_mean_token_mean|
 # seq_mean_token_sum_norm), REWARDS (space-separated --reward_funcs), REWARD_WEIGHTS, ACTOR_LORA_DIM,
@@ -19,7 +21,7 @@ DATA="$(data_dir)"
 if [ "$FAST" = "1" ]; then
     STEPS_ARGS=(--max_steps 4 --eval_interval 4 --save_interval 2 --eval_batches 1); SAMPLES=8
 else
-    STEPS_ARGS=(--max_steps "${STEPS:-60}" --eval_interval 30 --save_interval 30 --eval_batches 3); SAMPLES=300
+    STEPS_ARGS=(--max_steps "${STEPS:-100}" --eval_interval 25 --save_interval 25 --eval_batches 3); SAMPLES=300
 fi
 EXTRA=()
 EVALS=()
@@ -40,12 +42,12 @@ launch "$REPO/step3_rlhf_ppo/grpo.py" \
     --advantage_estimator "${ESTIMATOR:-grpo}" \
     --loss_aggregation "${AGGREGATION:-token_mean}" \
     --per_device_generation_batch_size "${GEN_BATCH:-8}" \
-    --per_device_training_batch_size "${TRAIN_BATCH:-16}" \
+    --per_device_training_batch_size "${TRAIN_BATCH:-64}" \
     --per_device_eval_batch_size 32 \
     --max_prompt_seq_len 160 \
     --max_answer_seq_len "${ANSWER_LEN:-80}" \
-    --temperature "${TEMPERATURE:-1.0}" \
-    --actor_learning_rate "${LR:-2e-5}" \
+    --temperature "${TEMPERATURE:-0.8}" \
+    --actor_learning_rate "${LR:-5e-5}" \
     --num_warmup_steps 5 \
     --kl_coef "${KL:-0}" \
     --ppo_epochs 1 \
