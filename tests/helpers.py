@@ -56,22 +56,27 @@ def run_python(args: list[str], timeout: int = 600, **env: str) -> subprocess.Co
 
 def sigkill_and_rerun(args: list[str], out: Path, after: int = 4, until: int = 20,
                       ) -> tuple[subprocess.CompletedProcess, str]:
-    """Start `python args`, SIGKILL it at a random moment between the appearance of checkpoint `after`
-    and that of checkpoint `until` (step numbers), then run the same command again to the end. Returns
-    that second run and a description of the moment, for assertion messages."""
+    """Start `python args` (saving a checkpoint every `after` steps), SIGKILL it at a random moment
+    between the appearance of checkpoint `after` and that of checkpoint `until` (step numbers), then run
+    the same command again to the end. Returns that second run and a description of the moment, for
+    assertion messages. The random delay after a checkpoint is cut short when the next one appears, so a
+    nano run that takes less than the delay for its last steps is still killed mid-run."""
     rng = random.Random()
     start_at = rng.randrange(after, until, after)
     delay = rng.uniform(0.0, 0.3)
     proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    marker = out / "checkpoints" / f"step{start_at:08d}"
+    marker, next_marker = (out / "checkpoints" / f"step{s:08d}" for s in (start_at, start_at + after))
     deadline = time.time() + 240
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
-    time.sleep(delay)
+    seen = time.time()
+    while time.time() - seen < delay and not next_marker.exists() and proc.poll() is None:
+        time.sleep(0.005)
+    waited = time.time() - seen
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    when = f"killed {delay:.3f} s after {marker.name} appeared"
+    when = f"killed {waited:.3f} s after {marker.name} appeared"
     assert not (out / "done").exists(), f"the run finished before it could be killed ({when})"
     return run_python(args, timeout=300), when
 
@@ -206,3 +211,12 @@ def ragged_mask(lengths: list[int], width: int):
     import torch
 
     return torch.tensor([[1.0] * n + [0.0] * (width - n) for n in lengths])
+
+
+def nano_sft_dir(root: Path, tokenizer) -> Path:
+    """root/sft: a nano causal LM sized to `tokenizer` (seed 0) and the tokenizer, in an SFT export's format."""
+    from utils.model import create_causal_lm
+
+    create_causal_lm("nano", len(tokenizer), 256, seed=0).save_pretrained(root / "sft")
+    tokenizer.save_pretrained(root / "sft")
+    return root / "sft"

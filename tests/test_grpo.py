@@ -13,6 +13,7 @@ from helpers import (
     REPO,
     assert_rl_resume_is_bit_exact,
     assert_two_processes_match_one,
+    nano_sft_dir,
     ragged_mask,
     run_python,
     without_output_dir,
@@ -193,12 +194,8 @@ def test_shaping_rewards_and_a_user_function(tmp_path):
 @pytest.fixture(scope="module")
 def grpo_dirs(chat_tokenizer, tmp_path_factory):
     """A nano 'SFT' model and task rows of the three demo tasks, in the steps' formats."""
-    from utils.model import create_causal_lm
-
     root = tmp_path_factory.mktemp("grpo")
-    sft = create_causal_lm("nano", len(chat_tokenizer), 256, seed=0)
-    sft.save_pretrained(root / "sft")
-    chat_tokenizer.save_pretrained(root / "sft")
+    nano_sft_dir(root, chat_tokenizer)
     rows = [{"prompt": "判断情感：好", "reference": "正面", "task": "t1_sentiment"},
             {"prompt": "分词：我爱北京", "reference": "我 爱 北京", "task": "t2_segmentation"},
             {"prompt": "实体：张三在北京", "reference": "人名：张三；地名：北京；机构名：无", "task": "t3_ner"},

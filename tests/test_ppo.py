@@ -12,6 +12,7 @@ from helpers import (
     REPO,
     assert_rl_resume_is_bit_exact,
     assert_two_processes_match_one,
+    nano_sft_dir,
     ragged_mask,
     run_python,
     without_output_dir,
@@ -107,13 +108,10 @@ def test_whitening_and_kl_controller():
 @pytest.fixture(scope="module")
 def ppo_dirs(chat_tokenizer, tmp_path_factory):
     """A nano 'SFT' model, a reward model on top of it, and a prompt file, in the steps' export formats."""
-    from utils.model import create_causal_lm
     from utils.reward import create_reward_model
 
     root = tmp_path_factory.mktemp("ppo")
-    sft = create_causal_lm("nano", len(chat_tokenizer), 256, seed=0)
-    sft.save_pretrained(root / "sft")
-    chat_tokenizer.save_pretrained(root / "sft")
+    nano_sft_dir(root, chat_tokenizer)
     rm = create_reward_model(root / "sft", chat_tokenizer.pad_token_id, seed=1)
     rm.save_pretrained(root / "rm")
     chat_tokenizer.save_pretrained(root / "rm")
