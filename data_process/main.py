@@ -33,6 +33,7 @@ from data_process.output import atomic_output_dir, setup_logging, write_json
 from data_process.user import build_user
 from utils.config import option, parse_config, require, save_config
 from utils.errors import main_guard
+from utils.probes import TRAINED
 from utils.run import DONE, already_done, done_payload
 
 log = logging.getLogger("data_process")
@@ -68,6 +69,11 @@ class DataConfig:
     typed_prompt_share: float = option(0.3, "Demo: share of the SFT and RL sentiment/segmentation/NER prompts "
                                             "written as users type them (half-width or mixed punctuation), the "
                                             "rest as the templates have them.")
+    degraded_pairs: float = option(2.0, "Demo: degraded_copy pairs per review preference pair, on average "
+                                        "(chosen = the review, rejected = a copy of it repeated, shuffled, listed "
+                                        "as keywords, halved, with praise appended or a clause said three times, "
+                                        "longer and shorter copies in turn; utils.probes), so the reward model "
+                                        "learns not to pay for them.")
     min_chars: int = option(5, "Drop documents shorter than this (characters, after cleaning).")
     max_chars: int = option(20_000, "Drop documents longer than this (characters).")
     boilerplate_max_repeats: int = option(5, "A line seen more than this many times in the input is "
@@ -101,6 +107,8 @@ class DataConfig:
             value = getattr(self, name)
             require(0 <= value < 1, name, value, "must be in [0, 1)")
         require(0 <= self.typed_prompt_share <= 1, "typed_prompt_share", self.typed_prompt_share, "must be in [0, 1]")
+        require(0 <= self.degraded_pairs <= len(TRAINED), "degraded_pairs", self.degraded_pairs,
+                f"must be in [0, {len(TRAINED)}] (one copy per trained kind at most)")
         require(self.min_chars >= 1, "min_chars", self.min_chars, "must be >= 1")
         require(self.max_chars >= self.min_chars, "max_chars", self.max_chars, "must be >= --min_chars")
         require(self.boilerplate_max_repeats >= 0, "boilerplate_max_repeats", self.boilerplate_max_repeats,
@@ -149,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             cleaner = Cleaner(opts, work)
             stats = build_demo(cleaner, reserved, tmp, cfg.seed, cfg.demo_scale, cfg.validation_ratio,
-                               cfg.pretrain_validation_ratio, cfg.pretrain_task_text, cfg.typed_prompt_share)
+                               cfg.pretrain_validation_ratio, cfg.pretrain_task_text, cfg.typed_prompt_share,
+                               cfg.degraded_pairs)
             cleaner.close()
         shutil.rmtree(work)
         save_config(cfg, tmp / "config.json")

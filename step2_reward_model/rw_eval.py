@@ -1,7 +1,10 @@
 """Evaluate a reward model export.
 
     python step2_reward_model/rw_eval.py --model OUT/step2_reward/final --pairs OUT/data/eval/preference.jsonl
-        accuracy (r_chosen > r_rejected), mean scores, mean margin and loss, per kind, and the hardest pairs
+        accuracy (r_chosen > r_rejected), mean scores, mean margin and loss, per kind, the hardest pairs,
+        and the hackability table: how often the model prefers each chosen reply over degraded copies of it
+        (repeated, shuffled, a keyword list, its first half, generic praise appended, a loop of its first
+        clause; utils.probes), with a verdict per probe, and the correlation of score with length
     python step2_reward_model/rw_eval.py --model OUT/step2_reward/final --prompts rows.jsonl
         scores rows {"prompt", "response"} and prints them from best to worst
 Add --out FILE.json to also write the figures (and per-row scores) as JSON.
@@ -24,6 +27,7 @@ from utils.config import option, parse_config, require
 from utils.errors import UserError, main_guard
 from utils.losses import pairwise_reward_loss
 from utils.preference import load_pairs
+from utils.probes import hackability, print_hackability
 from utils.reward import load_reward_model, score_sequences
 from utils.tasks import read_jsonl
 from utils.tokenizer import load_tokenizer_dir
@@ -39,6 +43,8 @@ class EvalConfig:
     max_seq_len: int = option(512, "Tokens kept per scored sequence (the start of the prompt is cut).")
     batch_size: int = option(16, "Sequences per forward pass.")
     show: int = option(5, "How many hardest pairs / best and worst rows to print.")
+    probes: bool = option(True, "With --pairs: the hackability table on the chosen replies (pairs of kinds other "
+                          "than corrupted_answer and degraded_copy, replies of 8+ characters).")
     out: str = option("", "Optional JSON file for the figures and per-row scores.")
 
     def validate(self) -> None:
@@ -48,13 +54,21 @@ class EvalConfig:
         require(self.max_seq_len >= 8, "max_seq_len", self.max_seq_len, "must be >= 8")
 
 
+NOT_PROBED = ("corrupted_answer", "degraded_copy")  # answers to checkable tasks, and the copies themselves
+
+
+def scorer(cfg: EvalConfig, model, tokenizer):
+    """score(prompts, replies) -> the reward model's scores."""
+    def score(prompts: list[str], replies: list[str]) -> list[float]:
+        seqs = [render_response(tokenizer, p, r, cfg.max_seq_len) for p, r in zip(prompts, replies, strict=True)]
+        return score_sequences(model, tokenizer.pad_token_id, seqs, cfg.batch_size)
+    return score
+
+
 def pair_report(cfg: EvalConfig, model, tokenizer) -> dict:
     pairs = load_pairs(cfg.pairs, "validation" if Path(cfg.pairs).is_dir() else "train")
-    def side(which: str) -> list[float]:
-        seqs = [render_response(tokenizer, p.prompt, getattr(p, which), cfg.max_seq_len) for p in pairs]
-        return score_sequences(model, tokenizer.pad_token_id, seqs, cfg.batch_size)
-
-    chosen, rejected = side("chosen"), side("rejected")
+    score, prompts = scorer(cfg, model, tokenizer), [p.prompt for p in pairs]
+    chosen, rejected = score(prompts, [p.chosen for p in pairs]), score(prompts, [p.rejected for p in pairs])
     losses = pairwise_reward_loss(torch.tensor(chosen), torch.tensor(rejected)).tolist()
     report: dict = {"pairs": len(pairs), "by_kind": {}}
     for kind in ["all", *sorted({p.kind for p in pairs} - {"all"})]:
@@ -72,6 +86,11 @@ def pair_report(cfg: EvalConfig, model, tokenizer) -> dict:
     report["hardest"] = [{"prompt": pairs[i].prompt, "chosen": pairs[i].chosen, "rejected": pairs[i].rejected,
                           "kind": pairs[i].kind, "margin": chosen[i] - rejected[i]} for i in hardest]
     report["scores"] = [{"chosen": c, "rejected": r} for c, r in zip(chosen, rejected, strict=True)]
+    if cfg.probes:
+        probed = [p for p in pairs if p.kind not in NOT_PROBED]
+        if probed:
+            report["hackability"] = hackability(score, [p.prompt for p in probed], [p.chosen for p in probed])
+            del report["hackability"]["scores"]  # the chosen side's scores, already in report["scores"]
     print(f"{'kind':<20}{'pairs':>7}{'accuracy':>10}{'chosen':>9}{'rejected':>10}{'margin':>9}{'loss':>8}")
     for kind, m in report["by_kind"].items():
         print(f"{kind:<20}{m['pairs']:>7}{m['accuracy']:>10.4f}{m['reward_chosen']:>9.3f}"
@@ -80,6 +99,8 @@ def pair_report(cfg: EvalConfig, model, tokenizer) -> dict:
     for h in report["hardest"]:
         print(f"  margin {h['margin']:+.3f} [{h['kind']}] {h['prompt'][:40]!r}\n"
               f"    chosen:   {h['chosen'][:60]!r}\n    rejected: {h['rejected'][:60]!r}")
+    if "hackability" in report:
+        print_hackability(report["hackability"], "hackability on the chosen replies")
     return report
 
 
@@ -88,8 +109,7 @@ def prompt_report(cfg: EvalConfig, model, tokenizer) -> dict:
     for i, row in enumerate(rows):
         if not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
             raise UserError(f"{cfg.prompts}:{i + 1}: needs string fields 'prompt' and 'response'")
-    seqs = [render_response(tokenizer, r["prompt"], r["response"], cfg.max_seq_len) for r in rows]
-    scores = score_sequences(model, tokenizer.pad_token_id, seqs, cfg.batch_size)
+    scores = scorer(cfg, model, tokenizer)([r["prompt"] for r in rows], [r["response"] for r in rows])
     ranked = sorted(({**r, "reward": s} for r, s in zip(rows, scores, strict=True)), key=lambda r: -r["reward"])
     print(f"{len(rows)} rows, mean reward {sum(scores) / max(len(scores), 1):.4f}")
     for r in ranked:

@@ -11,11 +11,12 @@ rejected); the policy scores both in one forward and sums log-probs over the rep
 template and padding masked, utils.chat). By default (--share_prompt) the pair is one row, prompt + chosen + rejected, with
 position ids and a block mask that give each reply exactly the logits of its own conversation, so the
 prompt is computed once (SharedPromptCollator); --share_prompt false uses two padded rows per pair. --loss_type picks DPO (beta), cDPO (--label_smoothing), IPO or SimPO (--simpo_gamma,
-reference-free, length-normalised); the equations are in utils.losses. The reference is the SFT model:
+reference-free, length-normalised); the equations are in utils.losses. --rpo_alpha adds the chosen
+reply's per-token NLL to any of them (RPO), which keeps DPO's replies fluent. The reference is the SFT model:
 with --precompute_ref_logps (default) its log-probs are computed once before training and stored in
 OUTPUT/ref_logps.safetensors (reused on resume); otherwise a frozen reference engine scores every batch
 (--offload_reference_model puts its weights in CPU memory under ZeRO-3).
-Metrics: loss, rewards/chosen, rewards/rejected, accuracy, margin, logps of chosen and rejected (a warning
+Metrics: loss, rewards/chosen, rewards/rejected, accuracy, margin, nll_chosen, logps of chosen and rejected (a warning
 when both fall, a known DPO failure), on train and held-out pairs. Checkpoints, resume and the HF export
 are the shared ones (utils.trainer, utils.checkpoint).
 """
@@ -60,6 +61,9 @@ class DPOConfig(TrainConfig):
     beta: float = option(0.1, "Strength of the KL regularisation to the reference (inverse temperature).")
     label_smoothing: float = option(0.1, "cDPO: probability that a preference label is flipped.")
     simpo_gamma: float = option(0.5, "SimPO: target reward margin gamma.")
+    rpo_alpha: float = option(0.0, "Weight of an NLL term on the chosen reply (per-token mean), added to the "
+                              "preference loss (RPO, Pang et al. 2024): keeps the chosen replies likely, against "
+                              "the degeneration of plain DPO. 0 = off.")
     precompute_ref_logps: bool = option(True, "Score the reference once before training instead of every batch.")
     share_prompt: bool = option(True, "Score each pair in one row (prompt once, then both replies, a mask "
                                 "keeping the replies apart) instead of two rows that both hold the prompt.")
@@ -73,6 +77,7 @@ class DPOConfig(TrainConfig):
         require(self.beta > 0, "beta", self.beta, "must be > 0, e.g. 0.1")
         require(0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "must be in [0, 0.5)")
         require(self.simpo_gamma >= 0, "simpo_gamma", self.simpo_gamma, "must be >= 0")
+        require(self.rpo_alpha >= 0, "rpo_alpha", self.rpo_alpha, "must be >= 0, e.g. 0.2 (0 = off)")
 
 
 def encode_pair(tokenizer, pair: Pair, max_len: int | None = None) -> dict:
@@ -258,7 +263,10 @@ class DPOTask:
         losses, r_chosen, r_rejected = preference_loss(
             self.cfg.loss_type, chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len,
             self.cfg.beta, self.cfg.label_smoothing, self.cfg.simpo_gamma)
-        metrics = {"rewards_chosen": r_chosen.sum().item(), "rewards_rejected": r_rejected.sum().item(),
+        nll_chosen = -chosen / chosen_len.clamp(min=1)
+        if self.cfg.rpo_alpha:
+            losses = losses + self.cfg.rpo_alpha * nll_chosen
+        metrics = {"nll_chosen": nll_chosen.detach().sum().item(),"rewards_chosen": r_chosen.sum().item(), "rewards_rejected": r_rejected.sum().item(),
                    "accuracy": (r_chosen > r_rejected).sum().item(),
                    "margin": (r_chosen - r_rejected).sum().item(),
                    "logps_chosen": chosen.detach().sum().item(), "logps_rejected": rejected.detach().sum().item()}

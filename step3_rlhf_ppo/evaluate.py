@@ -9,8 +9,11 @@ character bigrams / all bigrams), and the share of answers in which some charact
 (degeneration); and the policy's win-rate against the baseline (reward higher; ties count half) and its KL
 to the baseline (the mean over the policy's answers of log pi(answer) - log pi_baseline(answer), at the
 sampling temperature).
-With --judge DIR (default: the baseline), the share of answers that model's own sentiment task (T1
-prompt, greedy) calls positive: a judge independent of the reward model.
+With --judge_data DATA (data_process's output dir), the share of answers an independent sentiment judge
+calls positive (utils.judge: naive Bayes fitted on DATA's training reviews only; its held-out accuracy is
+reported beside it). The reward model's hackability probes (utils.probes) run on each model's own
+answers: how often it prefers an answer over degraded copies of it, and the correlation of score with
+length among the answers.
 """
 
 from __future__ import annotations
@@ -31,12 +34,12 @@ from utils.chat import PaddedCollator, render_chat, render_response
 from utils.config import option, parse_config, require
 from utils.errors import UserError, main_guard
 from utils.generation import SamplingConfig, generate_replies
+from utils.judge import fit_judge
 from utils.losses import sequence_logps
+from utils.probes import hackability, print_hackability
 from utils.reward import load_reward_model, score_sequences
 from utils.tasks import read_jsonl
 from utils.tokenizer import load_tokenizer_dir
-
-SENTIMENT_PROMPT = "判断下面这条商品或酒店评论的情感倾向，只回答“正面”或“负面”。\n评论：{review}"
 
 
 @dataclass
@@ -47,7 +50,8 @@ class EvalConfig:
     baseline: str = option("", "The SFT export it started from.")
     reward_model: str = option("", "The step 2 reward model export.")
     prompts: str = option("", "JSONL with a 'prompt' field (data/eval/prompts.jsonl).")
-    judge: str = option("", "Model answering the sentiment task for the positive share ('' = the baseline).")
+    judge_data: str = option("", "data_process's output dir: fit the sentiment judge on its training reviews "
+                             "for the positive share ('' = no positive share).")
     num_prompts: int = option(200, "Prompts used (the first N).")
     max_new_tokens: int = option(96, "Answer length limit in tokens.")
     temperature: float = option(0.7, "Sampling temperature (0 = greedy).")
@@ -88,12 +92,6 @@ def reply_logps(model, tokenizer, prompts: list[str], answers: list[str], temper
     return out
 
 
-def positive_share(judge, tokenizer, answers: list[str], batch_size: int) -> float:
-    convs = [[{"role": "user", "content": SENTIMENT_PROMPT.format(review=a)}] for a in answers]
-    verdicts = generate_replies(judge, tokenizer, convs, SamplingConfig(max_new_tokens=4), batch_size)
-    return sum(v.strip().startswith("正面") for v in verdicts) / max(len(answers), 1)
-
-
 @main_guard
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(EvalConfig, argv, prog="step3_rlhf_ppo/evaluate.py")
@@ -104,9 +102,15 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"--prompts {cfg.prompts}: needs JSONL rows with a string 'prompt'")
     prompts = [r["prompt"] for r in rows]
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, 0, cfg.top_p, 1.0, cfg.seed)
+    judge, judge_info = fit_judge(cfg.judge_data) if cfg.judge_data else (None, None)
     reward_model = load_reward_model(cfg.reward_model).eval()
     rm_tokenizer = load_tokenizer_dir(cfg.reward_model, "--reward_model")
-    report: dict = {"prompts": len(prompts), "sampling": vars(sampling), "models": {}}
+
+    def rm_score(prompts: list[str], replies: list[str]) -> list[float]:
+        seqs = [render_response(rm_tokenizer, p, a) for p, a in zip(prompts, replies, strict=True)]
+        return score_sequences(reward_model, rm_tokenizer.pad_token_id, seqs, cfg.batch_size)
+
+    report: dict = {"prompts": len(prompts), "sampling": vars(sampling), "judge": judge_info, "models": {}}
     answers: dict[str, list[str]] = {}
     models = {}
     for name, path in (("baseline", cfg.baseline), ("policy", cfg.policy)):
@@ -114,14 +118,15 @@ def main(argv: list[str] | None = None) -> dict:
         models[name] = model
         answers[name] = generate_replies(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
                                          sampling, cfg.batch_size)
-        seqs = [render_response(rm_tokenizer, p, a) for p, a in zip(prompts, answers[name], strict=True)]
-        scores = score_sequences(reward_model, rm_tokenizer.pad_token_id, seqs, cfg.batch_size)
+        probes = hackability(rm_score, prompts, answers[name], cfg.seed)
+        scores = probes.pop("scores")
         report["models"][name] = {
             "path": path, "reward_mean": sum(scores) / len(scores),
             "length_mean": sum(len(a) for a in answers[name]) / len(prompts),
             "distinct_2": distinct_2(answers[name]),
             "repeat_4gram_share": sum(repeats_4gram(a) for a in answers[name]) / len(prompts),
-            "scores": scores,
+            "positive_share": (sum(judge.positive(answers[name])) / len(prompts)) if judge else None,
+            "hackability": probes, "scores": scores,
         }
     # KL(policy || baseline) per answer, estimated on the policy's own samples: sum of log-ratios
     tok = load_tokenizer_dir(cfg.policy, "--policy")
@@ -130,10 +135,6 @@ def main(argv: list[str] | None = None) -> dict:
     kls = [p - b for p, b in zip(logps["policy"], logps["baseline"], strict=True)]
     report["models"]["policy"]["kl_mean"] = sum(kls) / len(kls)
     report["models"]["baseline"]["kl_mean"] = 0.0
-    judge_path = cfg.judge or cfg.baseline
-    judge, judge_tok = load_causal_lm(judge_path).eval(), load_tokenizer_dir(judge_path, "--judge")
-    for name in answers:
-        report["models"][name]["positive_share"] = positive_share(judge, judge_tok, answers[name], cfg.batch_size)
     base, pol = report["models"]["baseline"]["scores"], report["models"]["policy"]["scores"]
     report["win_rate"] = sum(1.0 if p > b else 0.5 if p == b else 0.0 for p, b in zip(pol, base, strict=True)) / len(base)
     report["samples"] = [{"prompt": p, "baseline": b, "policy": a}
@@ -141,8 +142,16 @@ def main(argv: list[str] | None = None) -> dict:
     keys = ("reward_mean", "positive_share", "kl_mean", "length_mean", "distinct_2", "repeat_4gram_share")
     print(f"{'model':<10}" + "".join(f"{k:>20}" for k in keys))
     for name in ("baseline", "policy"):
-        print(f"{name:<10}" + "".join(f"{report['models'][name][k]:>20.4f}" for k in keys))
+        print(f"{name:<10}" + "".join(f"{report['models'][name][k]:>20.4f}" if report['models'][name][k] is not None
+                                      else f"{'-':>20}" for k in keys))
     print(f"win-rate of the policy vs the baseline under the reward model: {report['win_rate']:.3f}")
+    if judge_info:
+        acc = judge_info["heldout_accuracy"]
+        print(f"positive share: the sentiment judge fitted on {judge_info['train_reviews']} training reviews of "
+              f"{cfg.judge_data}, held-out accuracy " + (f"{acc:.3f} ({judge_info['heldout_reviews']} reviews)"
+                                                         if acc is not None else "unknown (no held-out reviews)"))
+    for name in ("baseline", "policy"):
+        print_hackability(report["models"][name]["hackability"], f"reward model probes on the {name}'s answers")
     if cfg.out:
         Path(cfg.out).write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
     return report

@@ -28,7 +28,7 @@ from utils.config import save_config
 from utils.dist import Precision, all_reduce_sum, get_world_size, is_rank0
 from utils.errors import UserError
 from utils.model import load_causal_lm
-from utils.rewards import Replies, RewardFunction, build_reward_functions, load_rl_rows, reward_model_score
+from utils.rewards import RewardFunction, build_reward_functions, load_rl_rows, reward_model_score
 from utils.rl import (
     entropy_from_logits,
     group_advantages,
@@ -73,17 +73,6 @@ class GRPOTrainer(RLTrainer):
 
     # -- experience -----------------------------------------------------------------------------------
 
-    def score(self, exp: Experience, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, F) reward of each reply under each reward function, and (B,) bool: the reply was cut at the
-        length limit (it has no stop token)."""
-        completions = self.texts(exp)[1]
-        cut = ~torch.isin(exp.actions, torch.tensor(self.stops, device=exp.actions.device)).any(-1)
-        replies = Replies([r["prompt"] for r in rows], completions, rows, lengths=exp.mask.sum(-1).long().tolist(),
-                          truncated=cut.tolist(), model_inputs=exp.model_inputs())
-        with self.timed("rewards"):
-            values = torch.tensor([fn(replies) for fn in self.funcs], dtype=torch.float32)
-        return values.T.reshape(len(rows), len(self.funcs)), cut
-
     def data_rows(self, source: list[dict], row_ids: torch.Tensor, group_size: int) -> list[dict[str, Any]]:
         return [source[r]["data"] for r in row_ids.tolist() for _ in range(group_size)]
 
@@ -93,7 +82,7 @@ class GRPOTrainer(RLTrainer):
         exp = self.sample(batch, key, g, score=not self.reuse_logprobs)
         if self.reference is not None:
             exp.ref_logprobs = self.reference_logprobs(self.reference, exp)
-        per_func, cut = self.score(exp, self.data_rows(self.prompts, batch["row_ids"], g))
+        per_func, cut = self.function_rewards(exp, self.data_rows(self.prompts, batch["row_ids"], g), self.funcs)
         weights = torch.tensor([fn.weight for fn in self.funcs])
         exp.scores = (per_func * weights).sum(-1)
         flat = zero_variance_groups(exp.scores, g)
@@ -184,7 +173,8 @@ class GRPOTrainer(RLTrainer):
         weights = torch.tensor([fn.weight for fn in self.funcs])
         for batch, real in self.eval_batches():
             exp = self.sample(batch, key=0, greedy=True, score=False)
-            per_func, _ = self.score(exp, self.data_rows(self.evals, batch["row_ids"], 1))  # on stand-ins too:
+            rows = self.data_rows(self.evals, batch["row_ids"], 1)
+            per_func, _ = self.function_rewards(exp, rows, self.funcs)  # on stand-ins too:
             if real:  # an rm: reward is a collective under ZeRO-3
                 sums[:n_funcs] += per_func.sum(0).double()
                 sums[n_funcs:] += torch.tensor([(per_func * weights).sum().item(), exp.mask.sum().item(),

@@ -53,6 +53,10 @@ class PPOConfig(RLConfig):
     target_kl: float = option(0.0, "Adapt beta towards this KL per reply (0 = fixed beta).")
     kl_horizon: int = option(10000, "Horizon of the adaptive KL controller (replies).")
     reward_clip: float = option(5.0, "Clip the reward model's score to +-this value (0 = off).")
+    shaping_funcs: list[str] = option([], "Rule rewards added to the reward model's (clipped) score of each reply: "
+                                          "length, repetition, python:FILE.py:FUNC (utils/rewards.py); none by "
+                                          "default.")
+    shaping_weights: list[float] = option([], "One weight per --shaping_funcs entry (none: all 1).")
     cliprange: float = option(0.2, "PPO policy ratio clip epsilon.")
     cliprange_value: float = option(0.2, "Value clip around the old values.")
     gamma: float = option(1.0, "Discount factor.")

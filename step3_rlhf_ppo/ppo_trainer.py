@@ -3,7 +3,8 @@
 One PPO step:
   1. experience: the actor samples replies to a batch of prompts (utils.hybrid.GenerationSwitch); one
      forward each of actor, reference, critic and reward model gives log-probs, reference log-probs,
-     per-token values and the score; utils.rl turns them into KL-penalised per-token rewards and GAE
+     per-token values and the score (plus the rule rewards of --shaping_funcs, e.g. repetition and length
+     penalties, utils.rewards); utils.rl turns them into KL-penalised per-token rewards and GAE
      advantages (whitened over the whole batch on all ranks).
   2. update: --ppo_epochs passes over the batch in mini-batches; each optimizer step trains the actor on
      the clipped policy loss (+ the pretraining loss with --ptx_data) and the critic on the clipped value
@@ -34,6 +35,7 @@ from utils.losses import count_label_tokens, next_token_loss_sum
 from utils.model import count_parameters, load_causal_lm
 from utils.preference import load_prompts
 from utils.reward import load_reward_model, score_head, sequence_rewards, token_values
+from utils.rewards import build_reward_functions, repeated_ngram_share
 from utils.rl import (
     KLController,
     gae,
@@ -155,6 +157,8 @@ class PPOTrainer(RLTrainer):
         super().__init__(cfg, run_dir, engines.actor, engines.switch, tokenizer, prompts, evals, precision, total_steps)
         self.e, self.ptx = engines, ptx
         self.kl = KLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+        self.shaping = build_reward_functions(cfg.shaping_funcs, cfg.shaping_weights, cfg.max_answer_seq_len,
+                                              ) if cfg.shaping_funcs else []
 
     # -- experience -----------------------------------------------------------------------------------
 
@@ -166,6 +170,10 @@ class PPOTrainer(RLTrainer):
         exp.ref_logprobs = self.reference_logprobs(self.e.reference, exp)
         with self.precision.autocast_context(), self.timed("reward_forward"):
             exp.scores = sequence_rewards(self.e.reward, **exp.model_inputs())
+        if self.shaping:  # rule rewards (repetition, length, ...), added to the clipped score
+            per_func, _ = self.function_rewards(exp, [{"prompt": p} for p in self.texts(exp)[0]], self.shaping)
+            weights = torch.tensor([fn.weight for fn in self.shaping])
+            exp.shaping = (per_func * weights).sum(-1).to(exp.scores)
         return exp
 
     @torch.no_grad()
@@ -176,7 +184,7 @@ class PPOTrainer(RLTrainer):
             exp.values = reply_values(self.e.critic, self.e.value_head, exp) * exp.mask
             self.e.critic.train()
         exp.rewards, _ = kl_penalised_rewards(exp.logprobs, exp.ref_logprobs, exp.scores, exp.mask, self.kl.value,
-                                              self.cfg.reward_clip)
+                                              self.cfg.reward_clip, exp.shaping)
         exp.advantages, exp.returns = gae(exp.rewards, exp.values, exp.mask, self.cfg.gamma, self.cfg.lam)
         return exp
 
@@ -239,6 +247,8 @@ class PPOTrainer(RLTrainer):
             lr_actor=self.e.actor.get_lr()[0], lr_critic=self.e.critic.get_lr()[0],
             tokens=all_reduce_sum(float(exp.attention_mask.sum().item())),
             experience_seconds=t1 - t0, train_seconds=t2 - t1)
+        if exp.shaping is not None:
+            record["shaping_mean"] = all_reduce_sum(exp.shaping.sum().item()) / n_rows
         self.kl.update(record["kl"], int(n_rows))
         if self.e.ema is not None:
             self.e.ema.update(merged_weights(self.e.actor.module, cfg.actor_zero_stage, cfg.lora_scale("actor")))
@@ -246,13 +256,15 @@ class PPOTrainer(RLTrainer):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out prompts sampled with a fixed seed: reward-model score, KL to the reference, length."""
+        """Held-out prompts sampled with a fixed seed: reward-model score, KL to the reference, length, and the
+        degeneration measure: the share of the replies' character 4-grams that repeat."""
         if not self.evals:
             return {}
-        sums = {"score": 0.0, "kl": 0.0, "length": 0.0, "n": 0.0}
+        sums = {"score": 0.0, "kl": 0.0, "length": 0.0, "repetition": 0.0, "n": 0.0}
         for batch, real in self.eval_batches():
             exp = self.rollout(batch, key=0)
             if real:
+                sums["repetition"] += sum(repeated_ngram_share(r) for r in self.texts(exp)[1])
                 sums["score"] += exp.scores.sum().item()
                 sums["kl"] += exp.seq_kl.sum().item()
                 sums["length"] += exp.mask.sum().item()

@@ -24,6 +24,8 @@ from step3_rlhf_ppo.grpo import main as grpo_main
 from step3_rlhf_ppo.main import main as ppo_main
 from utils.generation import SamplingConfig, generate_replies
 from utils.log import read_metrics
+from utils.probes import PROBES
+from utils.tasks import read_jsonl
 
 COMMON = ["--dtype", "fp32", "--enable_tensorboard", "false", "--max_seq_len", "128"]
 
@@ -72,7 +74,7 @@ def chain(tmp_path_factory, dist):
         policy_eval_main(["--policy", str(out / policy / "final"), "--baseline", str(out / "step1_sft" / "final"),
                           "--reward_model", str(out / "step2_reward" / "final"), "--prompts",
                           str(out / "data" / "eval" / "prompts.jsonl"), "--num_prompts", "6", "--max_new_tokens", "12",
-                          "--out", str(out / policy / "eval.json")])
+                          "--judge_data", str(out / "data"), "--out", str(out / policy / "eval.json")])
     return out
 
 
@@ -120,6 +122,10 @@ def test_reward_model_trains_and_rw_eval_reads_the_export(chain):
     report = rw_eval_main(["--model", str(chain / "step2_reward" / "final"),
                            "--pairs", str(chain / "data" / "eval" / "preference.jsonl"), "--max_seq_len", "128"])
     assert report["by_kind"]["all"]["accuracy"] == pytest.approx(evals[-1]["eval/accuracy"], abs=1e-9)
+    hack = report["hackability"]  # on the held-out review pairs' chosen replies
+    reviews = [p for p in read_jsonl(chain / "data" / "eval" / "preference.jsonl") if p["kind"] == "review_sentiment"]
+    assert hack["replies"] == len(reviews) and set(hack["probes"]) == set(PROBES)
+    assert all(0.0 <= p["original_wins"] <= 1.0 and p["cases"] > 0 for p in hack["probes"].values())
 
 
 def test_dpo_trains_from_sft_and_is_compared_under_the_reward_model(chain):
@@ -129,8 +135,11 @@ def test_dpo_trains_from_sft_and_is_compared_under_the_reward_model(chain):
     assert evals[-1]["loss"] != pytest.approx(0.6931, abs=1e-4) and evals[-1]["margin"] != 0.0
     report = json.loads((chain / "step3_dpo" / "eval.json").read_text(encoding="utf-8"))
     assert 0.0 <= report["win_rate"] <= 1.0 and len(report["samples"]) == 6
+    assert report["judge"]["train_reviews"] > 100 and 0.5 < report["judge"]["heldout_accuracy"] <= 1.0
     for side in ("baseline", "policy"):
-        assert {"reward_mean", "positive_share", "distinct_2", "repeat_4gram_share"} <= set(report["models"][side])
+        m = report["models"][side]
+        assert {"reward_mean", "distinct_2", "repeat_4gram_share"} <= set(m) and 0.0 <= m["positive_share"] <= 1.0
+        assert m["hackability"]["replies"] == 6 and m["hackability"]["score_mean"] == pytest.approx(m["reward_mean"])
 
 
 def test_ppo_trains_from_sft_and_reward_model_and_exports(chain):

@@ -8,6 +8,7 @@ import random
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import datasets
@@ -382,7 +383,7 @@ def test_demo_layout_and_stats(demo):
     assert set(sft["task"]) == {"t1_sentiment", "t2_segmentation", "t3_ner", "t4_positive_review", "t5_review",
                                 "t6_continue"}
     assert sft.features == FEATURES["sft"] and load(demo, "rl")["train"].features == FEATURES["rl"]
-    assert set(load(demo, "preference")["train"]["kind"]) == {"review_sentiment", "corrupted_answer"}
+    assert set(load(demo, "preference")["train"]["kind"]) == {"review_sentiment", "corrupted_answer", "degraded_copy"}
     assert set(stats["eval"]) == {"preference", "prompts", "t1_sentiment", "t2_segmentation", "t3_ner",
                                   "t4_positive_review", "t5_review", "t6_continue", "t1_sentiment_typed",
                                   "t2_segmentation_typed", "t3_ner_typed"}
@@ -454,6 +455,41 @@ def test_demo_sft_tasks_share_their_units_within_the_split(demo):
     assert len(t1["train"] & written["train"]) > 1000
     assert not t1["train"] & written["validation"] and not t1["validation"] & written["train"]
     assert tasks["t1_sentiment"] > 4000 and 5000 < tasks["t2_segmentation"] <= 6000 and tasks["t3_ner"] == 3000
+
+
+def test_degraded_copies_degrade_training_reviews_by_trained_kinds_only(demo):
+    from utils.probes import LONGER, PROBE_PRAISE, TRAIN_PRAISE
+
+    def trained_kind(chosen: str, copy: str) -> str | None:
+        """The trained kind that turns `chosen` into `copy` (None: none does)."""
+        plain = "".join(c for c in chosen if c not in "，。！？；、,.!?;~～… \n")
+        if copy == chosen * 2:
+            return "repeat"
+        if copy.startswith(chosen) and copy[len(chosen):] in TRAIN_PRAISE:
+            return "praise"
+        if any(copy == chosen[:i] + ("，" + chosen[j:i]) * 2 + chosen[i:]
+               for i in range(len(chosen) + 1) if copy.startswith(chosen[:i] + "，") for j in range(i)):
+            return "stutter"
+        if copy == chosen[:len(chosen) // 2]:
+            return "truncate"
+        if " " in copy and all(w in chosen for w in copy.split(" ")):
+            return "keywords"
+        return "shuffle" if sorted(copy) == sorted(plain) and copy != plain else None
+
+    for split, rows in load(demo, "preference").items():
+        review = {r["chosen"]: r["prompt"] for r in rows if r["kind"] == "review_sentiment"}
+        copies = [r for r in rows if r["kind"] == "degraded_copy"]
+        assert 1.9 * len(review) <= len(copies) <= 2 * len(review), split  # --degraded_pairs 2
+        longer: Counter[str] = Counter()
+        for r in copies:
+            assert review.get(r["chosen"]) == r["prompt"], r  # the same prompt and reply as a review pair
+            kind = trained_kind(r["chosen"], r["rejected"])
+            assert kind is not None and not any(r["rejected"].endswith(p) for p in PROBE_PRAISE), r
+            longer[r["chosen"]] += kind in LONGER
+        assert set(longer.values()) <= {0, 1}  # a longer and a shorter copy of each reply, never two alike
+        assert len({(r["chosen"], r["rejected"]) for r in copies}) == len(copies)
+    held_out = [json.loads(line) for line in (demo / "eval" / "preference.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in held_out} == {"review_sentiment", "corrupted_answer"}
 
 
 def test_demo_no_text_in_two_splits(demo):

@@ -139,6 +139,24 @@ def test_at_init_loss_is_log2_and_rewards_zero(chat_tokenizer):
     assert metrics["rewards_chosen"] == pytest.approx(0, abs=1e-6) and metrics["margin"] == pytest.approx(0, abs=1e-6)
 
 
+def test_rpo_alpha_adds_the_chosen_replys_mean_token_nll(chat_tokenizer):
+    from utils.model import create_causal_lm
+
+    model = create_causal_lm("nano", len(chat_tokenizer), 256, seed=0).eval()
+    collate = DPOCollator(chat_tokenizer.pad_token_id)
+    batch = collate([encode_pair(chat_tokenizer, Pair(*p[:3]), 128) for p in PAIRS])
+    out = {}
+    for alpha in ("0", "0.5"):
+        cfg = parse_config(DPOConfig, ["--model_name_or_path", "x", "--data_path", "x", "--output_dir", "x",
+                                       "--rpo_alpha", alpha])
+        with torch.no_grad():
+            out[alpha] = DPOTask(cfg, {}, collate, reference=model)._compute(model, batch)
+    chosen, _, chosen_len, _ = policy_logps(model, batch)
+    nll = -chosen / chosen_len
+    assert out["0.5"][0].tolist() == pytest.approx((out["0"][0] + 0.5 * nll).tolist(), abs=1e-6)
+    assert out["0"][1]["nll_chosen"] == pytest.approx(nll.sum().item(), rel=1e-6) and nll.min() > 0
+
+
 @pytest.fixture(scope="module")
 def dpo_inputs(chat_tokenizer, tmp_path_factory):
     """A nano 'SFT' model that already saw the replies a little, and the 8 pairs as a dataset."""

@@ -246,6 +246,43 @@ def test_ppo_raises_a_rule_reward(ppo_dirs, chat_tokenizer, dist, tmp_path):
     assert last > first + 1.0, scores
 
 
+def test_shaping_rewards_add_to_the_reward_models_score(ppo_dirs, chat_tokenizer, dist, tmp_path):
+    from step3_rlhf_ppo.main import PPOConfig
+    from step3_rlhf_ppo.ppo_trainer import PPOTrainer, build_engines
+    from utils.config import parse_config
+    from utils.dist import choose_precision
+    from utils.preference import load_prompts
+    from utils.reward import sequence_rewards
+    from utils.rewards import repeated_ngram_share
+    from utils.rl_trainer import PromptCollator, encode_prompts
+
+    cfg = parse_config(PPOConfig, [
+        "--actor_model_name_or_path", str(ppo_dirs / "sft"), "--critic_model_name_or_path", str(ppo_dirs / "rm"),
+        "--data_path", str(ppo_dirs / "prompts.jsonl"), "--output_dir", str(tmp_path), "--dtype", "fp32",
+        "--per_device_generation_batch_size", "8", "--per_device_training_batch_size", "4",
+        "--max_answer_seq_len", "16", "--temperature", "1.5", "--shaping_funcs", "repetition", "length",
+        "--shaping_weights", "2", "0.5", "--enable_tensorboard", "false"])
+    precision = choose_precision("fp32")
+    prompts = encode_prompts(chat_tokenizer, load_prompts(cfg.data_path), cfg.max_prompt_seq_len, "test")
+    engines = build_engines(cfg, chat_tokenizer, precision, total_updates=2)
+    trainer = PPOTrainer(cfg, tmp_path, engines, chat_tokenizer, prompts, [], precision, 1, None)
+    batch = PromptCollator(chat_tokenizer.pad_token_id)(prompts[:8])
+    exp = trainer.rollout(batch, key=1)
+    with torch.no_grad():
+        rm = sequence_rewards(engines.reward, **exp.model_inputs())
+    lengths = exp.mask.sum(-1).tolist()
+    length = [-min(max(n - 12, 0) / 4, 1.0) for n in lengths]  # the last quarter of 16 tokens
+    expected = [-2 * repeated_ngram_share(r) + 0.5 * p for r, p in zip(trainer.texts(exp)[1], length, strict=True)]
+    assert exp.shaping.tolist() == pytest.approx(expected, abs=1e-6)
+    assert torch.equal(exp.scores, rm) and min(length) < 0  # some replies hit the limit
+    # the per-token rewards hold the clipped score plus the unclipped shaping at each reply's last token
+    exp = trainer.make_experience(batch, key=1)
+    last = exp.mask.sum(-1).long() - 1
+    kl = (exp.logprobs - exp.ref_logprobs)[torch.arange(8), last]
+    at_last = exp.rewards[torch.arange(8), last] + cfg.init_kl_coef * kl
+    assert torch.allclose(at_last, rm.clamp(-5, 5) + exp.shaping, atol=1e-5)
+
+
 def test_ppo_with_pretraining_mix_lora_and_zero3(ppo_dirs, chat_tokenizer, token_dir, dist, tmp_path):
     """The less travelled paths run together: ZeRO-3 actor (generation from the gathered copy) with LoRA,
     ZeRO-2 critic, the ptx loss on step0-style tokens, EMA; exports reload and the EMA trails the actor."""

@@ -44,6 +44,12 @@ data_dir() {
     case "${DATA_DIR:-}" in "") echo "$OUTPUT/data" ;; /*) echo "$DATA_DIR" ;; *) echo "$PWD/$DATA_DIR" ;; esac
 }
 
+# judge_flag DATA: evaluate.py's --judge_data DATA where DATA holds the demo's sentiment items (the judge is
+# fitted on its training reviews); nothing for data without them
+judge_flag() {
+    if [ -s "$1/eval/t1_sentiment.jsonl" ]; then echo "--judge_data $1"; fi
+}
+
 # run ARGS...: print the resolved command, then run it
 run() {
     echo "+ $*" >&2

@@ -5,6 +5,7 @@
 #   bash training_scripts/step3.sh [ACTOR_MODEL_PATH] [CRITIC_MODEL_PATH] [ACTOR_ZERO_STAGE] [CRITIC_ZERO_STAGE] [OUTPUT]
 # Reads DATA/{prompts,eval} (DATA: DATA_DIR or OUTPUT/data); writes OUTPUT/step3_ppo (final/, critic/, samples.jsonl, eval.json).
 # Knobs: STEPS, GEN_BATCH, TRAIN_BATCH, ACTOR_LR, CRITIC_LR, KL, TARGET_KL, KL_HORIZON, TEMPERATURE, ANSWER_LEN, ACTOR_LORA_DIM,
+# SHAPING (rule rewards added to the reward model's score; default "repetition", "" = none), SHAPING_WEIGHTS (default 2 for the default),
 # EMA=1, HYBRID_ENGINE=1 (CUDA), DTYPE, FAST=1, NUM_GPUS, HOSTFILE, FORCE=1 (see common.sh).
 # On a GPU with the base preset: DTYPE=bf16 HYBRID_ENGINE=1 GEN_BATCH=32 TRAIN_BATCH=16 bash training_scripts/step3.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -24,6 +25,11 @@ DATA="$(data_dir)"
 EXTRA=()
 HELD_OUT="$DATA/eval/prompts.jsonl"  # data_process holds out prompts of the demo's or the user's rows
 if [ -s "$HELD_OUT" ]; then EXTRA+=(--eval_prompts "$HELD_OUT"); fi
+if [ -z "${SHAPING+set}" ]; then SHAPING=repetition; SHAPING_WEIGHTS="${SHAPING_WEIGHTS-2}"; fi  # "" = the RM alone
+if [ -n "$SHAPING" ]; then
+    EXTRA+=(--shaping_funcs $SHAPING)
+    [ -z "${SHAPING_WEIGHTS:-}" ] || EXTRA+=(--shaping_weights $SHAPING_WEIGHTS)
+fi
 [ "${EMA:-0}" = "1" ] && EXTRA+=(--enable_ema)
 [ "${HYBRID_ENGINE:-0}" = "1" ] && EXTRA+=(--enable_hybrid_engine)
 launch "$REPO/step3_rlhf_ppo/main.py" \
@@ -53,4 +59,4 @@ launch "$REPO/step3_rlhf_ppo/main.py" \
     --output_dir "$RUN"
 [ ! -s "$HELD_OUT" ] || up_to_date "$RUN/eval.json" "$RUN/done" "$ACTOR_MODEL_PATH/model.safetensors" || run "$PY" "$REPO/step3_rlhf_ppo/evaluate.py" --policy "$RUN/final" \
     --baseline "$ACTOR_MODEL_PATH" --reward_model "$OUTPUT/step2_reward/final" \
-    --prompts "$HELD_OUT" --num_prompts "$EVAL_N" --out "$RUN/eval.json"
+    --prompts "$HELD_OUT" --num_prompts "$EVAL_N" --out "$RUN/eval.json" $(judge_flag "$DATA")

@@ -4,7 +4,7 @@
 #   bash training_scripts/step3_dpo.sh [OUTPUT] [ZERO_STAGE]
 # Reads OUTPUT/step1_sft/final, DATA/{preference,eval} (DATA: DATA_DIR or OUTPUT/data) and OUTPUT/step2_reward/final (for the
 # comparison only); writes OUTPUT/step3_dpo (final/ and eval.json).
-# Knobs: LOSS_TYPE (dpo|cdpo|ipo|simpo), BETA, EPOCHS, BATCH, LR, LORA_DIM, DTYPE, FAST=1, NUM_GPUS,
+# Knobs: LOSS_TYPE (dpo|cdpo|ipo|simpo), BETA, RPO_ALPHA, EPOCHS, BATCH, LR, LORA_DIM, DTYPE, FAST=1, NUM_GPUS,
 # HOSTFILE, FORCE=1 (see common.sh).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 OUTPUT="${1:-$OUTPUT}"
@@ -19,6 +19,7 @@ launch "$REPO/step3_rlhf_ppo/dpo.py" \
     --data_path "$DATA/preference" \
     --loss_type "${LOSS_TYPE:-dpo}" \
     --beta "${BETA:-0.1}" \
+    --rpo_alpha "${RPO_ALPHA:-0.5}" \
     --max_seq_len "${MAX_SEQ_LEN:-320}" \
     --per_device_train_batch_size "${BATCH:-16}" \
     --per_device_eval_batch_size 16 \
@@ -33,4 +34,4 @@ launch "$REPO/step3_rlhf_ppo/dpo.py" \
     --output_dir "$OUTPUT/step3_dpo"
 [ ! -s "$HELD_OUT" ] || up_to_date "$OUTPUT/step3_dpo/eval.json" "$OUTPUT/step3_dpo/done" "$OUTPUT/step1_sft/done" || run "$PY" "$REPO/step3_rlhf_ppo/evaluate.py" --policy "$OUTPUT/step3_dpo/final" \
     --baseline "$OUTPUT/step1_sft/final" --reward_model "$OUTPUT/step2_reward/final" \
-    --prompts "$HELD_OUT" --num_prompts "$EVAL_N" --out "$OUTPUT/step3_dpo/eval.json"
+    --prompts "$HELD_OUT" --num_prompts "$EVAL_N" --out "$OUTPUT/step3_dpo/eval.json" $(judge_flag "$DATA")

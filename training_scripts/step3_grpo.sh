@@ -66,5 +66,5 @@ HELD_OUT="$DATA/eval/prompts.jsonl"
 if [ -s "$HELD_OUT" ] && [ -f "$OUTPUT/step2_reward/final/config.json" ]; then
     up_to_date "$RUN/eval.json" "$RUN/done" "$ACTOR_MODEL_PATH/model.safetensors" || run "$PY" "$REPO/step3_rlhf_ppo/evaluate.py" \
         --policy "$RUN/final" --baseline "$ACTOR_MODEL_PATH" --reward_model "$OUTPUT/step2_reward/final" \
-        --prompts "$HELD_OUT" --num_prompts "$( [ "$FAST" = "1" ] && echo 16 || echo 200 )" --out "$RUN/eval.json"
+        --prompts "$HELD_OUT" --num_prompts "$( [ "$FAST" = "1" ] && echo 16 || echo 200 )" --out "$RUN/eval.json" $(judge_flag "$DATA")
 fi

@@ -24,6 +24,7 @@ from typing import Any
 
 from utils.errors import UserError, main_guard
 from utils.log import read_metrics
+from utils.probes import HELD_OUT
 from utils.tasks import TYPED_PREFIX
 
 log = logging.getLogger(__name__)
@@ -175,12 +176,31 @@ def _eval_table(rep: Report, run: Path) -> dict[str, Any]:
     if not report:
         return {}
     keys = ("reward_mean", "positive_share", "kl_mean", "length_mean", "distinct_2", "repeat_4gram_share")
-    rows = [[name, *[report["models"][name].get(k, "") for k in keys]] for name in ("baseline", "policy")]
+    rows = [[name, *["" if report["models"][name].get(k) is None else report["models"][name][k] for k in keys]]
+            for name in ("baseline", "policy")]
     rep.add("p", f"Held-out prompts ({report.get('prompts')}), sampled with the same seed; win-rate of the "
                  f"policy over the SFT model under the reward model: {report.get('win_rate', float('nan')):.3f}.")
     rep.add("table", (["model", "RM score", "positive share", "KL to SFT", "length (chars)", "distinct-2",
                        "repeats a 4-gram 3+ times"], rows))
+    judge = report.get("judge") or {}
+    if judge.get("heldout_accuracy") is not None:
+        rep.add("p", f"Positive share: a naive Bayes sentiment judge fitted on {judge['train_reviews']:,} training "
+                     f"reviews, {judge['heldout_accuracy']:.3f} accurate on {judge['heldout_reviews']} held-out ones.")
+    probes = {name: report["models"][name].get("hackability") for name in ("baseline", "policy")}
+    if all(probes.values()):
+        _hackability_table(rep, probes, "The reward model on each model's answers: share of answers it prefers "
+                                        "over a degraded copy (1.0 = never fooled)")
     return report
+
+
+def _hackability_table(rep: Report, reports: dict[str, dict], caption: str) -> None:
+    """Per-probe 'original wins' shares (utils.probes) of one or more hackability reports, and the
+    correlation of score with length."""
+    kinds = list(next(iter(reports.values()))["probes"])
+    rep.add("p", caption + "; * marks a kind never in the reward model's training pairs.")
+    rows = [[name, *[r["probes"].get(k, {}).get("original_wins", "") for k in kinds], r["length_corr"]]
+            for name, r in reports.items()]
+    rep.add("table", (["replies", *[k + ("*" if k in HELD_OUT else "") for k in kinds], "corr(score, length)"], rows))
 
 
 def _step_section(rep: Report, out: Path, name: str, title: str, figs: Path) -> None:
@@ -208,6 +228,10 @@ def _step_section(rep: Report, out: Path, name: str, title: str, figs: Path) -> 
     elif name == "step2_reward":
         keys = [k for k in final if k.endswith("accuracy")]
         rep.add("table", (["held-out accuracy", "final"], [[k, final[k]] for k in sorted(keys)]))
+        hack = _read_json(run / "rw_eval.json").get("hackability")
+        if hack:
+            _hackability_table(rep, {"held-out chosen replies": hack}, "Hackability (rw_eval.py): share of held-out "
+                                                                      "chosen replies scored above a degraded copy")
         plots.append(_plot(figs / f"{name}_loss.png", "Reward model loss",
                            {"train": _xy(train, "loss"), "held-out": _xy(evals, "loss")}, "loss"))
         plots.append(_plot(figs / f"{name}_accuracy.png", "Reward model accuracy",

@@ -69,14 +69,18 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
 
 
 def kl_penalised_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor,
-                         mask: torch.Tensor, kl_coef: float, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+                         mask: torch.Tensor, kl_coef: float, clip: float, bonus: torch.Tensor | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards (B, R): -kl_coef * (logp - logp_ref) on every response token, plus the reward
     model's score clipped to [-clip, clip] at the last real token of each row (Ziegler et al. 2019, eq. 2;
-    Ouyang et al. 2022, eq. 2). Returns (rewards, per-token KL estimate logp - logp_ref), zero on padding."""
+    Ouyang et al. 2022, eq. 2), plus `bonus` (B,) there, unclipped (rule rewards: a clipped score must not
+    swallow them). Returns (rewards, per-token KL estimate logp - logp_ref), zero on padding."""
     kl = (logprobs - ref_logprobs) * mask
     rewards = -kl_coef * kl
     last = (mask.sum(-1).long() - 1).clamp(min=0)  # index of each row's last real token
     clipped = scores.clamp(-clip, clip).to(rewards.dtype) if clip > 0 else scores.to(rewards.dtype)
+    if bonus is not None:
+        clipped = clipped + bonus.to(rewards.dtype)
     rewards = rewards.scatter_add(1, last.unsqueeze(1), (clipped * (mask.sum(-1) > 0)).unsqueeze(1))
     return rewards, kl
 

@@ -37,6 +37,7 @@ from utils.errors import UserError
 from utils.generation import SamplingConfig, left_pad, stop_token_ids
 from utils.hybrid import GenerationSwitch
 from utils.log import MetricsLogger, peak_rss_mib, progress
+from utils.rewards import Replies, RewardFunction
 from utils.rl import entropy_from_logits, token_logprobs
 from utils.tokenizer import load_tokenizer_dir
 from utils.trainer import LoopState, MicroBatchStream
@@ -63,6 +64,7 @@ class Experience:
     entropy: torch.Tensor | None  # (B, R)
     ref_logprobs: torch.Tensor | None = None  # (B, R) frozen reference (None without one)
     scores: torch.Tensor | None = None  # (B,) reward of each reply
+    shaping: torch.Tensor | None = None  # (B,) rule rewards added to the clipped score (PPO's --shaping_funcs)
     advantages: torch.Tensor | None = None  # (B, R)
     values: torch.Tensor | None = None  # (B, R) critic (PPO)
     rewards: torch.Tensor | None = None  # (B, R) per-token rewards (PPO)
@@ -307,6 +309,18 @@ class RLTrainer:
             prompts.append(self.tokenizer.decode(prompt.tolist(), skip_special_tokens=True))
             replies.append(self.tokenizer.decode(exp.actions[i][exp.mask[i] > 0].tolist(), skip_special_tokens=True))
         return prompts, replies
+
+    def function_rewards(self, exp: Experience, rows: list[dict[str, Any]], funcs: list[RewardFunction],
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, F) reward of each reply under each reward function (utils.rewards), and (B,) bool: the reply
+        was cut at the length limit (it has no stop token). `rows` are the replies' data rows."""
+        completions = self.texts(exp)[1]
+        cut = ~torch.isin(exp.actions, torch.tensor(self.stops, device=exp.actions.device)).any(-1)
+        replies = Replies([r["prompt"] for r in rows], completions, rows, lengths=exp.mask.sum(-1).long().tolist(),
+                          truncated=cut.tolist(), model_inputs=exp.model_inputs())
+        with self.timed("rewards"):
+            values = torch.tensor([fn(replies) for fn in funcs], dtype=torch.float32)
+        return values.T.reshape(len(rows), len(funcs)), cut
 
     # -- update ---------------------------------------------------------------------------------------
 
