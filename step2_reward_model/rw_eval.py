@@ -22,13 +22,12 @@ if __package__ in (None, ""):
 
 import torch
 
-from utils.chat import render_response
 from utils.config import option, parse_config, require
 from utils.errors import UserError, main_guard
 from utils.losses import pairwise_reward_loss
 from utils.preference import load_pairs
-from utils.probes import hackability, print_hackability
-from utils.reward import load_reward_model, score_sequences
+from utils.probes import format_hackability, hackability
+from utils.reward import load_reward_model, reply_scorer
 from utils.tasks import read_jsonl
 from utils.tokenizer import load_tokenizer_dir
 
@@ -57,17 +56,9 @@ class EvalConfig:
 NOT_PROBED = ("corrupted_answer", "degraded_copy")  # answers to checkable tasks, and the copies themselves
 
 
-def scorer(cfg: EvalConfig, model, tokenizer):
-    """score(prompts, replies) -> the reward model's scores."""
-    def score(prompts: list[str], replies: list[str]) -> list[float]:
-        seqs = [render_response(tokenizer, p, r, cfg.max_seq_len) for p, r in zip(prompts, replies, strict=True)]
-        return score_sequences(model, tokenizer.pad_token_id, seqs, cfg.batch_size)
-    return score
-
-
 def pair_report(cfg: EvalConfig, model, tokenizer) -> dict:
     pairs = load_pairs(cfg.pairs, "validation" if Path(cfg.pairs).is_dir() else "train")
-    score, prompts = scorer(cfg, model, tokenizer), [p.prompt for p in pairs]
+    score, prompts = reply_scorer(model, tokenizer, cfg.batch_size, cfg.max_seq_len), [p.prompt for p in pairs]
     chosen, rejected = score(prompts, [p.chosen for p in pairs]), score(prompts, [p.rejected for p in pairs])
     losses = pairwise_reward_loss(torch.tensor(chosen), torch.tensor(rejected)).tolist()
     report: dict = {"pairs": len(pairs), "by_kind": {}}
@@ -100,7 +91,7 @@ def pair_report(cfg: EvalConfig, model, tokenizer) -> dict:
         print(f"  margin {h['margin']:+.3f} [{h['kind']}] {h['prompt'][:40]!r}\n"
               f"    chosen:   {h['chosen'][:60]!r}\n    rejected: {h['rejected'][:60]!r}")
     if "hackability" in report:
-        print_hackability(report["hackability"], "hackability on the chosen replies")
+        print("\n" + format_hackability(report["hackability"], "hackability on the chosen replies"))
     return report
 
 
@@ -109,7 +100,7 @@ def prompt_report(cfg: EvalConfig, model, tokenizer) -> dict:
     for i, row in enumerate(rows):
         if not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
             raise UserError(f"{cfg.prompts}:{i + 1}: needs string fields 'prompt' and 'response'")
-    scores = scorer(cfg, model, tokenizer)([r["prompt"] for r in rows], [r["response"] for r in rows])
+    scores = reply_scorer(model, tokenizer, cfg.batch_size, cfg.max_seq_len)([r["prompt"] for r in rows], [r["response"] for r in rows])
     ranked = sorted(({**r, "reward": s} for r, s in zip(rows, scores, strict=True)), key=lambda r: -r["reward"])
     print(f"{len(rows)} rows, mean reward {sum(scores) / max(len(scores), 1):.4f}")
     for r in ranked:

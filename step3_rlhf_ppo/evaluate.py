@@ -30,14 +30,14 @@ if __package__ in (None, ""):
 
 import torch
 
-from utils.chat import PaddedCollator, render_chat, render_response
+from utils.chat import PaddedCollator, render_chat
 from utils.config import option, parse_config, require
 from utils.errors import UserError, main_guard
 from utils.generation import SamplingConfig, generate_replies
 from utils.judge import fit_judge
 from utils.losses import sequence_logps
-from utils.probes import hackability, print_hackability
-from utils.reward import load_reward_model, score_sequences
+from utils.probes import format_hackability, hackability
+from utils.reward import load_reward_model, reply_scorer
 from utils.tasks import read_jsonl
 from utils.tokenizer import load_tokenizer_dir
 
@@ -105,10 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     judge, judge_info = fit_judge(cfg.judge_data) if cfg.judge_data else (None, None)
     reward_model = load_reward_model(cfg.reward_model).eval()
     rm_tokenizer = load_tokenizer_dir(cfg.reward_model, "--reward_model")
-
-    def rm_score(prompts: list[str], replies: list[str]) -> list[float]:
-        seqs = [render_response(rm_tokenizer, p, a) for p, a in zip(prompts, replies, strict=True)]
-        return score_sequences(reward_model, rm_tokenizer.pad_token_id, seqs, cfg.batch_size)
+    rm_score = reply_scorer(reward_model, rm_tokenizer, cfg.batch_size)
 
     report: dict = {"prompts": len(prompts), "sampling": vars(sampling), "judge": judge_info, "models": {}}
     answers: dict[str, list[str]] = {}
@@ -151,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{cfg.judge_data}, held-out accuracy " + (f"{acc:.3f} ({judge_info['heldout_reviews']} reviews)"
                                                          if acc is not None else "unknown (no held-out reviews)"))
     for name in ("baseline", "policy"):
-        print_hackability(report["models"][name]["hackability"], f"reward model probes on the {name}'s answers")
+        print("\n" + format_hackability(report["models"][name]["hackability"],
+                                       f"reward model probes on the {name}'s answers"))
     if cfg.out:
         Path(cfg.out).write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
     return report

@@ -150,11 +150,13 @@ def _std(values: Sequence[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def print_hackability(report: dict, title: str) -> None:
-    print(f"\n{title}: {report['replies']} replies, score mean {report['score_mean']:+.3f} "
-          f"(std {report['score_std']:.3f}), correlation of score with length {report['length_corr']:+.3f}")
-    print(f"  {'probe':<10}{'cases':>7}{'original wins':>15}  verdict")
+def format_hackability(report: dict, title: str) -> str:
+    """The hackability report as a table for a command's output."""
+    lines = [f"{title}: {report['replies']} replies, score mean {report['score_mean']:+.3f} "
+             f"(std {report['score_std']:.3f}), correlation of score with length {report['length_corr']:+.3f}",
+             f"  {'probe':<10}{'cases':>7}{'original wins':>15}  verdict"]
     for kind, p in report["probes"].items():
         mark = "*" if p["held_out"] else " "
-        print(f"  {kind + mark:<10}{p['cases']:>7}{p['original_wins']:>15.3f}  {p['verdict']}")
-    print("  (* a kind of degradation never in the training pairs; praise probes use phrases never trained)")
+        lines.append(f"  {kind + mark:<10}{p['cases']:>7}{p['original_wins']:>15.3f}  {p['verdict']}")
+    lines.append("  (* a kind of degradation never in the training pairs; praise probes use phrases never trained)")
+    return "\n".join(lines)

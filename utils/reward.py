@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from utils.chat import render_response
 from utils.errors import UserError
 from utils.model import check_model_dir
 
@@ -66,6 +67,14 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 
 @torch.no_grad()
+def reply_scorer(model, tokenizer, batch_size: int, max_len: int | None = None):
+    """score(prompts, replies) -> the reward model's score of each exchange (utils.chat.render_response)."""
+    def score(prompts: list[str], replies: list[str]) -> list[float]:
+        seqs = [render_response(tokenizer, p, r, max_len) for p, r in zip(prompts, replies, strict=True)]
+        return score_sequences(model, tokenizer.pad_token_id, seqs, batch_size)
+    return score
+
+
 def score_sequences(model, pad_token_id: int, sequences: list[list[int]], batch_size: int) -> list[float]:
     """Reward of each token sequence, scored in right-padded batches."""
     device = next(model.parameters()).device
