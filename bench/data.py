@@ -25,7 +25,7 @@ def demo_docs_list() -> list:
     from data_process.demo import Reserved, demo_docs
     from data_process.main import DEFAULT_RESERVED
 
-    reserved = Reserved.load(str(DEFAULT_RESERVED) if DEFAULT_RESERVED.is_file() else "")
+    reserved = Reserved.load(str(DEFAULT_RESERVED))
     return list(demo_docs(reserved, 1.0, 0, Counter()))
 
 
@@ -119,4 +119,74 @@ def suite_data(args) -> dict:
         conversations = [[{"role": "user", "content": "续写下面这条评论：" + t[:8]},
                           {"role": "assistant", "content": t[8:]}] for t in texts if len(t) > 12][:10_000]
         out["sft_render_pack_tokens_per_s"] = timed_windows(sft_pack_fn(conversations, tokenizer), **kw)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Suite: data_process's memory on large user inputs
+
+
+def write_corpus(path: Path, megabytes: int, seed: int = 0) -> int:
+    """A JSONL pretraining corpus ({"text": ...} per line) of about `megabytes` MB of distinct documents,
+    each 4-12 sentences drawn at random from the demo's reviews and news paragraphs (reserved lines left
+    out), so that exact and near deduplication keep almost every document and their tables grow with the
+    input. Returns the number of documents."""
+    import json
+    import random
+    import re
+
+    sentences = sorted({s for d in demo_docs_list() for s in re.split(r"(?<=[。！？!?])", d.text) if len(s) >= 8})
+    rng = random.Random(seed)
+    written, docs = 0, 0
+    with path.open("w", encoding="utf-8") as f:
+        while written < megabytes * 1_000_000:
+            line = json.dumps({"text": "".join(rng.choices(sentences, k=rng.randint(4, 12)))},
+                              ensure_ascii=False) + "\n"
+            f.write(line)
+            written += len(line.encode("utf-8"))
+            docs += 1
+    return docs
+
+
+def data_process_peak(corpus: Path, out: Path) -> dict:
+    """Run data_process/main.py on `corpus` as a user would: its wall time, what it kept, and its peak RSS
+    (the child's own maximum resident set, from wait4)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from bench.scaling import REPO, child_env
+
+    cmd = [sys.executable, str(REPO / "data_process" / "main.py"), "--input", str(corpus), "--output_dir", str(out)]
+    log_path = out.parent / f"{out.name}.log"
+    t0 = time.perf_counter()
+    with log_path.open("w", encoding="utf-8") as log_file:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=log_file, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # reaped here, so its rusage is its own
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"error": log_path.read_text(encoding="utf-8").strip().splitlines()[-1]}
+    stats = json.loads((out / "stats.json").read_text(encoding="utf-8"))["datasets"]["pretrain"]
+    return {"seconds": round(seconds, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+            "documents_in": stats["count_in"], "documents_out": sum(stats["count_out"].values()),
+            "removed": {k: v for k, v in stats["removed"].items() if v}}
+
+
+def suite_data_memory(args) -> dict:
+    """data_process on generated corpora of growing size (--data_mb): flat memory means the same peak RSS
+    at every size."""
+    out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench-datamem-", dir=args.scratch) as tmp:
+        root = Path(tmp)
+        for megabytes in args.data_mb:
+            corpus = root / f"corpus{megabytes}.jsonl"
+            docs = write_corpus(corpus, megabytes)
+            result = data_process_peak(corpus, root / f"out{megabytes}")
+            result.update(input_mb=round(corpus.stat().st_size / 1e6, 1), input_documents=docs)
+            if "seconds" in result:
+                result["documents_per_s"] = round(docs / result["seconds"])
+            out[f"{megabytes}MB"] = result
+            corpus.unlink()
     return out

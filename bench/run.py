@@ -24,6 +24,9 @@ Suites:
   grpo        samples/s of a GRPO step against TRL's GRPOTrainer, our time split, and sampling a group from one
               shared prefill against repeated prompt rows (bench/grpo.py).
   data        cleaning and MinHash dedup, tokenizer training, packing (bench/data.py).
+  data_memory peak RSS and documents/s of data_process/main.py on generated corpora of --data_mb sizes (distinct
+              documents, so the dedup tables grow): flat memory = the same peak at every size. Not in the
+              default set (the 1 GB input takes about N minutes); run it with --only data_memory.
   scaling     tokens/s and peak memory against preset and sequence length (bench/scaling.py).
   memory      peak RSS of every demo step, and of base-preset PPO under ZeRO-3 with and without offload.
 """
@@ -58,7 +61,7 @@ from bench.common import (
     rl_step_fn,
     timed_windows,
 )
-from bench.data import suite_data
+from bench.data import suite_data, suite_data_memory
 from bench.grpo import suite_grpo
 from bench.preference import suite_dpo, suite_rm
 from bench.scaling import suite_memory, suite_scaling
@@ -287,17 +290,23 @@ def suite_ppo(args) -> dict:
 
 
 SUITES = {"train": suite_train, "generate": suite_generate, "ppo": suite_ppo, "rm": suite_rm, "dpo": suite_dpo,
-          "grpo": suite_grpo, "data": suite_data, "scaling": suite_scaling, "memory": suite_memory}
+          "grpo": suite_grpo, "data": suite_data, "scaling": suite_scaling, "memory": suite_memory,
+          "data_memory": suite_data_memory}
+DEFAULT_SUITES = sorted(set(SUITES) - {"data_memory"})
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", nargs="+", choices=sorted(SUITES), default=sorted(SUITES))
+    parser.add_argument("--only", nargs="+", choices=sorted(SUITES), default=DEFAULT_SUITES)
     parser.add_argument("--windows", type=int, default=3, help="timed windows per figure (median reported)")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per training window")
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"], help="model presets of the train suite")
     parser.add_argument("--demo", default=str(Path(__file__).resolve().parent.parent / "outputs" / "demo"),
                         help="a make demo output dir (the ppo suite uses its SFT and reward-model exports)")
+    parser.add_argument("--data_mb", nargs="+", type=int, default=[100, 1000],
+                        help="corpus sizes (MB) of the data_memory suite")
+    parser.add_argument("--scratch", default=None, help="where the data_memory suite writes its corpora "
+                        "(default: the system temp dir; needs about 3x the largest size free)")
     parser.add_argument("--max_foreign", type=float, default=0.05,
                         help="redo a window when other processes used more CPU than this share of it")
     args = parser.parse_args(argv)

@@ -86,7 +86,7 @@ def suite_scaling(args) -> dict:
 def base_ppo_models(root: Path) -> tuple[Path, Path, Path]:
     """Untrained base-preset exports as step 3 takes them: an actor (causal LM) and a reward model
     (sequence classifier) sharing the tests' chat tokenizer, plus a prompts file."""
-    from tests.helpers import make_chat_tokenizer
+    from testkit.chat_tokenizer import make_chat_tokenizer
     from utils.model import create_causal_lm
     from utils.reward import create_reward_model
 

@@ -1,10 +1,10 @@
 """The cleaning pipeline: normalise, drop boilerplate and bad lengths, exclude reserved texts, remove
 exact and near duplicates, counting what every filter removed.
 
-Memory does not grow with the input: documents stream through one at a time, and the two tables that
-must remember the whole input (how often each line occurs, which documents were already kept) are
-64-bit keys in an SQLite file with a fixed page cache. Only the near-duplicate index grows, by one
-MinHash signature per kept document (see `NearDuplicateIndex`).
+Memory does not grow with the input: documents stream through one at a time, and everything that must
+remember the whole input (how often each line occurs, which documents were already kept, the near-duplicate
+index's LSH bands and signatures) lives in files on disk: 64-bit keys in SQLite files with a fixed page
+cache, and a flat file of MinHash signatures (see `NearDuplicateIndex`).
 
 Boilerplate needs the line counts of the whole input before the first document can be judged, so the
 input is read twice: `count_lines` (pass 1), then `run` (pass 2).
@@ -13,6 +13,7 @@ input is read twice: `count_lines` (pass 1), then `run` (pass 2).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sqlite3
 from collections import Counter
@@ -65,15 +66,22 @@ class Doc:
     extra: Any = None
 
 
+def scratch_db(path: Path, cache_mb: int) -> sqlite3.Connection:
+    """An SQLite work file with a fixed page cache and no journal (it is thrown away after the run)."""
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA cache_size=-{cache_mb * 1024}")
+    db.execute("PRAGMA journal_mode=OFF")
+    db.execute("PRAGMA synchronous=OFF")
+    db.execute("PRAGMA locking_mode=EXCLUSIVE")  # one process owns it: no file lock taken per statement
+    return db
+
+
 class KeyTable:
     """A set (with counts) of 64-bit keys in an SQLite file: memory stays at the page cache size however
     many keys go in, which is what lets exact dedup stream inputs larger than RAM."""
 
     def __init__(self, path: Path, cache_mb: int = 8):
-        self.db = sqlite3.connect(path)
-        self.db.execute(f"PRAGMA cache_size=-{cache_mb * 1024}")
-        self.db.execute("PRAGMA journal_mode=OFF")
-        self.db.execute("PRAGMA synchronous=OFF")
+        self.db = scratch_db(path, cache_mb)
         self.db.execute("CREATE TABLE IF NOT EXISTS k (key INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
 
     def add(self, key: int) -> bool:
@@ -94,43 +102,66 @@ class KeyTable:
 
 
 class NearDuplicateIndex:
-    """MinHash LSH over character n-gram shingles (datasketch): a document whose estimated Jaccard
-    similarity to an already kept one reaches `threshold` is a near duplicate. LSH candidates are checked
-    against their stored signature: band collisions alone let through pairs near 0.45 (e.g. two news
-    items about the same delegation), the check keeps those.
+    """MinHash LSH over character n-gram shingles: a document whose estimated Jaccard similarity to an
+    already kept one reaches `threshold` is a near duplicate. LSH candidates are checked against their
+    stored signature: band collisions alone let through pairs near 0.45 (e.g. two news items about the same
+    delegation), the check keeps those.
 
-    Memory per kept document: one LSH band key per band plus the signature (num_perm x 8 bytes):
-    measured about 3.3 KB per document at num_perm=64 (5.7 KB at 128).
+    The index lives on disk so that memory stays flat however large the input: each of datasketch's bands
+    (its choice of b bands of r rows for the threshold) is reduced to a 64-bit key and stored with the
+    document number in an SQLite table, and the signatures (num_perm x 8 bytes per kept document) are
+    appended to a flat file and read back only for candidates. Its verdicts equal an in-memory
+    `datasketch.MinHashLSH` with the same signature check (tested); a collision of two 64-bit band keys would
+    only add a candidate, which the signature check then judges.
     """
 
-    def __init__(self, threshold: float, num_perm: int, ngram: int):
+    def __init__(self, threshold: float, num_perm: int, ngram: int, workdir: Path, cache_mb: int = 8):
         self.ngram = ngram
         self.threshold = threshold
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self.template = MinHash(num_perm=num_perm, hashfunc=xxhash.xxh32_intdigest, seed=1)
-        self.signatures: list[np.ndarray] = []
+        self.bands = MinHashLSH(threshold=threshold, num_perm=num_perm).hashranges  # datasketch's (b, r) choice
+        self.minhash = MinHash(num_perm=num_perm, hashfunc=xxhash.xxh32_intdigest, seed=1)  # reused per document
+        self.empty = self.minhash.hashvalues.copy()
+        self.db = scratch_db(workdir / "near_dup.sqlite", cache_mb)
+        self.db.execute("CREATE TABLE IF NOT EXISTS band (key INTEGER NOT NULL, doc INTEGER NOT NULL, "
+                        "PRIMARY KEY (key, doc)) WITHOUT ROWID")
+        self._query = f"SELECT DISTINCT doc FROM band WHERE key IN ({','.join('?' * len(self.bands))})"
+        self.signatures = open(workdir / "signatures.u64", "w+b", buffering=0)  # noqa: SIM115 (closed in close())
+        self.signature_bytes = num_perm * 8
+        self.size = 0
 
-    def signature(self, text: str) -> MinHash:
+    def signature(self, text: str) -> np.ndarray:
+        """The MinHash signature (num_perm values) of the text's character n-gram set."""
         n = self.ngram
         shingles = {text[i:i + n] for i in range(max(1, len(text) - n + 1))}
-        m = MinHash(num_perm=len(self.template.hashvalues), hashfunc=xxhash.xxh32_intdigest,
-                    permutations=self.template.permutations, scheme=self.template.scheme)
-        m.update_batch([s.encode("utf-8") for s in shingles])
-        return m
+        self.minhash.hashvalues = self.empty.copy()  # a fresh MinHash without building one (and its permutations)
+        self.minhash.update_batch([s.encode("utf-8") for s in shingles])
+        return self.minhash.hashvalues
 
-    @property
-    def size(self) -> int:
-        return len(self.signatures)
+    def band_keys(self, hashvalues: np.ndarray) -> list[int]:
+        """One signed 64-bit key per band (seeded by the band's number, so equal rows in different bands
+        do not meet)."""
+        return [xxhash.xxh64_intdigest(hashvalues[lo:hi].tobytes(), seed=band) - (1 << 63)
+                for band, (lo, hi) in enumerate(self.bands)]
+
+    def stored_signature(self, doc: int) -> np.ndarray:
+        raw = os.pread(self.signatures.fileno(), self.signature_bytes, doc * self.signature_bytes)
+        return np.frombuffer(raw, dtype=np.uint64)
 
     def add_if_new(self, text: str) -> bool:
         """Index `text` and return True unless it is a near duplicate of an indexed text."""
-        m = self.signature(text)
-        for key in self.lsh.query(m):
-            if np.mean(self.signatures[key] == m.hashvalues) >= self.threshold:
+        values = self.signature(text)
+        keys = self.band_keys(values)
+        for (doc,) in self.db.execute(self._query, keys):
+            if np.mean(self.stored_signature(doc) == values) >= self.threshold:
                 return False
-        self.lsh.insert(self.size, m, check_duplication=False)
-        self.signatures.append(m.hashvalues)
+        self.db.executemany("INSERT OR IGNORE INTO band VALUES (?, ?)", ((key, self.size) for key in keys))
+        self.signatures.write(values.astype(np.uint64).tobytes())
+        self.size += 1
         return True
+
+    def close(self) -> None:
+        self.db.close()
+        self.signatures.close()
 
 
 class Cleaner:
@@ -150,8 +181,8 @@ class Cleaner:
         workdir.mkdir(parents=True, exist_ok=True)
         self.line_counts = KeyTable(workdir / "line_counts.sqlite")
         self.seen = KeyTable(workdir / "seen.sqlite")
-        self.near = (NearDuplicateIndex(opts.near_dup_threshold, opts.near_dup_num_perm, opts.near_dup_ngram)
-                     if opts.near_dup_threshold > 0 else None)
+        self.near = (NearDuplicateIndex(opts.near_dup_threshold, opts.near_dup_num_perm, opts.near_dup_ngram,
+                                        workdir) if opts.near_dup_threshold > 0 else None)
 
     def _lines(self, text: str) -> list[str]:
         text = normalize(text, self.opts.simplified)
@@ -234,4 +265,6 @@ class Cleaner:
     def close(self) -> None:
         self.line_counts.close()
         self.seen.close()
+        if self.near is not None:
+            self.near.close()
 

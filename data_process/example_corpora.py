@@ -53,7 +53,7 @@ def reviews(rel: str, reserved: Reserved) -> list[str]:
 
 def write_examples(out: Path, rows: int) -> dict[str, Path]:
     """Write the three files under `out`; return them by role."""
-    reserved = Reserved.load(str(DEFAULT_RESERVED)) if DEFAULT_RESERVED.is_file() else Reserved()
+    reserved = Reserved.load(str(DEFAULT_RESERVED))
     pos, neg = reviews("sentiment/pos.txt", reserved), reviews("sentiment/neg.txt", reserved)
     n_pre = 5 * rows // 2
     if min(len(pos), len(neg)) < n_pre + 2 * rows:

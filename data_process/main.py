@@ -38,7 +38,9 @@ from utils.run import DONE, already_done, done_payload
 
 log = logging.getLogger("data_process")
 
-DEFAULT_RESERVED = Path(__file__).resolve().parents[2] / "shared" / "reserved_lines.json"
+# the demo's exclusion list, shipped with the repo (line numbers and content hashes only), so that every
+# clone builds the same splits whatever lies outside it
+DEFAULT_RESERVED = Path(__file__).resolve().parent / "reserved_lines.json"
 
 
 @dataclass
@@ -90,8 +92,8 @@ class DataConfig:
                                             "a document is a near duplicate (0 = near dedup off).")
     near_dup_num_perm: int = option(64, "MinHash permutations (signature bytes per document = 8 x this).")
     near_dup_ngram: int = option(3, "Characters per shingle.")
-    reserved_lines: str = option(str(DEFAULT_RESERVED) if DEFAULT_RESERVED.is_file() else "",
-                                 "reserved_lines.json: lines and content hashes never to use ('' = none).")
+    reserved_lines: str = option(str(DEFAULT_RESERVED), "reserved_lines.json: lines and content hashes never to use "
+                                                       "('' = none; default: the demo's list in data_process/).")
 
     def validate(self) -> None:
         require(bool(self.output_dir), "output_dir", self.output_dir, "give a directory to write to")

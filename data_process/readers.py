@@ -225,11 +225,6 @@ def _wiki_doc_rows(path: Path) -> Iterator[tuple[str, dict[str, str]]]:
                         "again, or delete the unfinished document")
 
 
-def _is_saved_dataset(path: Path) -> bool:
-    """A directory written by Dataset.save_to_disk or DatasetDict.save_to_disk."""
-    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
-
-
 def _format(path: Path) -> str | None:
     """How to read a file: by its suffix, or for an extension-less file by its start (JSON lines or <doc>,
     as wikiextractor writes them); None when it is not a data file this reader knows."""

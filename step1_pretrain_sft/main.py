@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         train, collate, task, vocab_size = sft_data(cfg, tokenizer)
     model = prepare_model(build_model(cfg, vocab_size), cfg, tokenizer)
-    return train_and_export(cfg, run_dir, model, tokenizer, train, collate, task, precision, cfg.stage)
+    return train_and_export(cfg, run_dir, model, tokenizer, train, collate, task, precision, cfg.stage,
+                            extra={"step": cfg.stage})
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = create_reward_model(cfg.model_name_or_path, tokenizer.pad_token_id, cfg.seed)
     model = prepare_model(model, cfg, tokenizer, always_train=("score",))  # the new head trains under LoRA too
     return train_and_export(cfg, run_dir, model, tokenizer, train, collate, RewardTask(cfg, eval_sets, collate, kinds),
-                            precision, "reward model", extra={"kinds": kinds})
+                            precision, "reward model", extra={"step": "reward", "kinds": kinds})
 
 
 if __name__ == "__main__":

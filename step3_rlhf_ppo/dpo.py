@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
     reference = attach_reference(cfg, run_dir, train, evals, collate, precision)
     model = prepare_model(load_causal_lm(cfg.model_name_or_path), cfg, tokenizer)
     summary = train_and_export(cfg, run_dir, model, tokenizer, train, collate, DPOTask(cfg, evals, collate, reference),
-                               precision, f"DPO ({cfg.loss_type})")
+                               precision, f"DPO ({cfg.loss_type})", extra={"step": "dpo"})
     warn_if_both_logps_fall(run_dir)
     return summary
 

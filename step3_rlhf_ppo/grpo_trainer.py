@@ -228,7 +228,7 @@ def run_grpo(cfg, run_dir: Path, precision: Precision) -> dict[str, Any]:
                                cfg.actor_zero_stage, cfg.offload_reference_model, precision)
                  if cfg.kl_coef > 0 else None)
     save_config(cfg, run_dir / "config.json", extra={
-        "world_size": get_world_size(), "precision": precision.name, "parameters": parameters,
+        "step": "grpo", "world_size": get_world_size(), "precision": precision.name, "parameters": parameters,
         "total_steps": total_steps, "optimizer_steps_per_rl_step": cfg.ppo_epochs * minis,
         "train_prompts": len(prompts), "eval_rows": len(evals), "generation_path": switch.path})
     log.info("GRPO (%s, %s): actor %.2fM parameters; %d prompts x %d replies, %d steps, rewards %s, %s",

@@ -316,7 +316,7 @@ def run_ppo(cfg, run_dir: Path, precision: Precision) -> dict[str, Any]:
                        cfg.per_device_training_batch_size, cfg.seed) if cfg.ptx_data else None)
     engines = build_engines(cfg, tokenizer, precision, total_updates)
     save_config(cfg, run_dir / "config.json", extra={
-        "world_size": get_world_size(), "precision": precision.name, "parameters": engines.parameters,
+        "step": "ppo", "world_size": get_world_size(), "precision": precision.name, "parameters": engines.parameters,
         "total_steps": total_steps, "optimizer_steps_per_ppo_step": cfg.ppo_epochs * minis,
         "train_prompts": len(prompts), "eval_prompts": len(evals), "generation_path": engines.switch.path})
     log.info("PPO: actor %.2fM, critic %.2fM parameters; %d prompts, %d PPO steps, %s", engines.parameters["actor"] / 1e6,

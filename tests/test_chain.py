@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -207,3 +208,20 @@ def test_report_card_from_the_outputs(chain):
     assert "| sentiment_acc |" in md.split("## Step 3: GRPO")[1]  # the task table beside SFT's scores
     page = (chain / "report.html").read_text(encoding="utf-8")
     assert page.count("data:image/png;base64,") == len(images) and "<table>" in page
+
+
+def test_report_finds_runs_by_the_step_they_declare(chain, tmp_path):
+    """A run under any dir name is reported as the step its config.json declares (the report knows no
+    folder names); a dir that is not a run is left out."""
+    from utils.report import build_report
+
+    for name in ("data", "step0", "step1_sft"):
+        (tmp_path / name).symlink_to(chain / name)
+    shutil.copytree(chain / "step3_dpo", tmp_path / "dpo_beta_0.3", ignore=shutil.ignore_patterns("final", "checkpoints"))
+    (tmp_path / "notes").mkdir()
+    build_report(tmp_path)
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    titles = [line for line in md.splitlines() if line.startswith("## ")]
+    assert titles[:3] == ["## Data and tokenizer", "## Step 1: supervised fine-tuning", "## Step 3: DPO (dpo_beta_0.3)"]
+    assert not any("pretraining" in t or "PPO" in t for t in titles)
+    assert (tmp_path / "report" / "dpo_beta_0.3_margin.png").is_file()

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PAIRS, REPO, clean_env, train_byte_bpe
+from helpers import PAIRS, REPO, clean_env
 
 from step1_pretrain_sft.main import main as step1_main
 from step2_reward_model.main import main as step2_main
 from step2_reward_model.rw_eval import main as rw_eval_main
 from step3_rlhf_ppo.dpo import main as dpo_main
 from step3_rlhf_ppo.main import main as ppo_main
+from testkit.chat_tokenizer import train_byte_bpe
 from utils.chat import render_chat, render_response
 from utils.errors import UserError
 from utils.generation import stop_token_ids

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PAIRS, REPO, clean_env, make_chat_tokenizer, run_python, sigkill_and_rerun
+from helpers import PAIRS, REPO, clean_env, run_python, sigkill_and_rerun
 from safetensors.torch import load_file
 
+from testkit.chat_tokenizer import make_chat_tokenizer
 from utils.log import read_metrics
 
 TIMING = ("tok_per_s", "mfu")

@@ -50,7 +50,7 @@ def sp(built):
 
 def demo_corpus() -> list[str]:
     """Every line of the demo source files (reserved lines excluded), raw, as the package ships them."""
-    reserved = Reserved.load(str(DEFAULT_RESERVED)) if DEFAULT_RESERVED.is_file() else Reserved()
+    reserved = Reserved.load(str(DEFAULT_RESERVED))
     lines = []
     for rel in SOURCES.values():
         banned = reserved.lines.get(rel, set())

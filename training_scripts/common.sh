@@ -50,6 +50,28 @@ judge_flag() {
     if [ -s "$1/eval/t1_sentiment.jsonl" ]; then echo "--judge_data $1"; fi
 }
 
+# The demo's settings of each step live in one file, training_scripts/recipes/<step>.yaml, passed as
+# --config; the knobs below (environment variables) override single options of it, and flags given after
+# --config win over it. `python STEP.py --config RECIPE --print_config` shows what a run resolves to.
+RECIPES="$REPO/training_scripts/recipes"
+
+# knob FLAG VAR: append "--FLAG <value of VAR>" to the KNOBS array when VAR is set in the environment (a list
+# option takes a space-separated value; an empty one clears the list), so the recipe decides otherwise
+KNOBS=()
+knob() {
+    local flag="$1" var="$2" values
+    [ -n "${!var+set}" ] || return 0
+    read -r -a values <<< "${!var}"
+    if [ ${#values[@]} -eq 0 ]; then values=(""); fi
+    KNOBS+=("--$flag" "${values[@]}")
+}
+
+# run_option RUN_DIR NAME: the value NAME had in a finished run (its config.json), so that an evaluation uses
+# what the training used
+run_option() {
+    "$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1/config.json" "$2"
+}
+
 # run ARGS...: print the resolved command, then run it
 run() {
     echo "+ $*" >&2

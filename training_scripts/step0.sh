@@ -8,9 +8,8 @@
 # Usage: bash training_scripts/step0.sh [OUTPUT]      (works from any directory)
 #   OUTPUT      output root (default: $OUTPUT or outputs/demo)
 #   DATA_DIR    use this data_process output as it is (step 1 skipped); default OUTPUT/data
-#   MAX_PIECE_LENGTH  longest token in characters (default 1: one token per character, which doubled the
-#               demo's segmentation F1 over an 8k BPE, see docs/RESULTS.md; 16 = BPE as for a large corpus)
-#   VOCAB_SIZE  tokenizer vocab (default 4096: the demo's ~3,800 frequent characters, the rest as bytes)
+#   VOCAB_SIZE, MAX_PIECE_LENGTH  override the tokenizer recipe (recipes/step0_tokenizer.yaml: 4096 pieces
+#               of one character each; 16 = BPE as for a large corpus)
 #   FORCE=1     build again even when the data and tokenizer are already built with these settings
 #   DEMO_SCALE  fraction of the demo data (default 1.0; e.g. 0.05 for a build in seconds)
 #   PRETRAIN_TASK_TEXT  true: also pretrain on the SFT/preference train texts (default false)
@@ -36,6 +35,8 @@ fi
 if [ -n "${BASE_MODEL:-}" ]; then
     echo "+ BASE_MODEL=$BASE_MODEL: its tokenizer is used, no tokenizer trained" >&2
 else
-    run "$PY" "$REPO/step0_tokenizer/main.py" --data_path "$DATA" --output_dir "$OUTPUT/step0" \
-        --vocab_size "${VOCAB_SIZE:-4096}" --max_piece_length "${MAX_PIECE_LENGTH:-1}" $(force_flag)
+    knob vocab_size VOCAB_SIZE
+    knob max_piece_length MAX_PIECE_LENGTH
+    run "$PY" "$REPO/step0_tokenizer/main.py" --config "$RECIPES/step0_tokenizer.yaml" --data_path "$DATA" \
+        --output_dir "$OUTPUT/step0" ${KNOBS[@]+"${KNOBS[@]}"} $(force_flag)
 fi

@@ -15,11 +15,14 @@ import dataclasses
 import difflib
 import json
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+import yaml
 
 from utils.errors import UserError, read_json_file
 
@@ -195,8 +198,8 @@ def _convert(name: str, tp: Any, is_list: bool, value: Any, source: str) -> Any:
     """Coerce a value read from a flag or config file to the field's type, or raise UserError."""
     if value is None:
         return None
-    if is_list:
-        items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
+    if is_list:  # a list flag given one empty string ("--shaping_funcs ''") is the empty list
+        items = [v for v in value if v != ""] if isinstance(value, list) else [v for v in str(value).split(",") if v]
         return [_convert(name, tp, False, v, source) for v in items]
     try:
         if tp is bool:
@@ -213,6 +216,8 @@ def build_parser(cls: type, prog: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description=(cls.__doc__ or "").strip(),
                      argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML or JSON file of option values (flags override it).")
+    parser.add_argument("--print_config", action="store_true",
+                        help="Print the resolved options (defaults < --config < flags) as YAML and exit.")
     parser.add_argument("--local_rank", "--local-rank", type=int, help="Set by the deepspeed launcher; ignored.")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -242,8 +247,6 @@ def load_config_file(path: str) -> dict[str, Any]:
     if p.suffix not in (".yaml", ".yml"):
         data = read_json_file(p, CONFIG_FILE_FIX)
     else:
-        import yaml
-
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8"))
         except UnicodeDecodeError:
@@ -289,6 +292,9 @@ def parse_config(cls: type[C], argv: list[str] | None = None, prog: str | None =
                 raise UserError(f"--{f.name}={values[f.name]!r} is invalid: choose one of "
                                 f"{', '.join(map(str, choices))}")
     cfg = cls(**values)
+    if namespace.get("print_config"):  # before validation: shows what a run would get, even a refused one
+        sys.stdout.write(yaml.safe_dump(config_dict(cfg), allow_unicode=True, sort_keys=False))
+        raise SystemExit(0)
     validate = getattr(cfg, "validate", None)
     if validate is not None:
         validate()

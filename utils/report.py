@@ -29,14 +29,17 @@ from utils.tasks import TYPED_PREFIX
 
 log = logging.getLogger(__name__)
 
-STEPS = {  # dir under OUTPUT -> title
-    "step1_pretrain": "Step 1: pretraining",
-    "step1_sft": "Step 1: supervised fine-tuning",
-    "step2_reward": "Step 2: reward model",
-    "step3_ppo": "Step 3: PPO",
-    "step3_dpo": "Step 3: DPO",
-    "step3_grpo": "Step 3: GRPO (verifiable task rewards)",
+STEPS = {  # the step a run dir's config.json declares ("step") -> title, in the chain's order
+    "pretrain": "Step 1: pretraining",
+    "sft": "Step 1: supervised fine-tuning",
+    "reward": "Step 2: reward model",
+    "ppo": "Step 3: PPO",
+    "dpo": "Step 3: DPO",
+    "grpo": "Step 3: GRPO (verifiable task rewards)",
 }
+# run dirs written before config.json declared its step: the chain scripts' dir names
+UNDECLARED = {"step1_pretrain": "pretrain", "step1_sft": "sft", "step2_reward": "reward", "step3_ppo": "ppo",
+              "step3_dpo": "dpo", "step3_grpo": "grpo"}
 TASK_SCORES = ("sentiment_acc", "segmentation_f1", "ner_f1")
 
 
@@ -203,8 +206,21 @@ def _hackability_table(rep: Report, reports: dict[str, dict], caption: str) -> N
     rep.add("table", (["replies", *[k + ("*" if k in HELD_OUT else "") for k in kinds], "corr(score, length)"], rows))
 
 
-def _step_section(rep: Report, out: Path, name: str, title: str, figs: Path) -> None:
-    run = out / name
+def find_runs(out: Path) -> list[tuple[str, Path]]:
+    """(step, run dir) of every training run directly under `out`, in the chain's order: each run says
+    which step it is in its config.json, so a run the user wrote under any name is found."""
+    runs = []
+    for run in sorted(p for p in out.iterdir() if p.is_dir()):
+        step = _read_json(run / "config.json").get("step") or UNDECLARED.get(run.name)
+        if step in STEPS:
+            runs.append((step, run))
+    order = list(STEPS)
+    return sorted(runs, key=lambda r: order.index(r[0]))  # stable: runs of one step by name
+
+
+def _step_section(rep: Report, out: Path, step: str, run: Path, figs: Path) -> None:
+    name = run.name
+    title = STEPS[step] if run.name in UNDECLARED else f"{STEPS[step]} ({run.name})"
     train, evals = read_metrics(run, "train"), read_metrics(run, "eval")
     if not train and not evals:
         return
@@ -212,12 +228,12 @@ def _step_section(rep: Report, out: Path, name: str, title: str, figs: Path) -> 
     rep.add("table", (["", "value"], _run_facts(run)))
     final = evals[-1] if evals else {}
     plots: list[Path | None] = []
-    if name == "step1_pretrain":
+    if step == "pretrain":
         rep.add("p", f"Held-out loss {final.get('loss', float('nan')):.4f}, bits per character "
                      f"{final.get('bits_per_char', float('nan')):.4f} (step 0: {evals[0].get('bits_per_char', float('nan')):.4f}).")
         plots.append(_plot(figs / f"{name}_loss.png", "Pretraining loss",
                            {"train": _xy(train, "loss"), "held-out": _xy(evals, "loss")}, "loss"))
-    elif name == "step1_sft":
+    elif step == "sft":
         scores = TASK_SCORES
         tasks = [[k, final[k]] for k in ("loss", *scores, *(TYPED_PREFIX + s for s in scores)) if k in final]
         rep.add("table", (["held-out metric (typed_: prompts as users type them)", "final"], tasks))
@@ -225,7 +241,7 @@ def _step_section(rep: Report, out: Path, name: str, title: str, figs: Path) -> 
                            {"train": _xy(train, "loss"), "held-out": _xy(evals, "loss")}, "loss"))
         plots.append(_plot(figs / f"{name}_tasks.png", "SFT task scores (greedy)",
                            {k: _xy(evals, k) for k in scores}))
-    elif name == "step2_reward":
+    elif step == "reward":
         keys = [k for k in final if k.endswith("accuracy")]
         rep.add("table", (["held-out accuracy", "final"], [[k, final[k]] for k in sorted(keys)]))
         hack = _read_json(run / "rw_eval.json").get("hackability")
@@ -237,18 +253,18 @@ def _step_section(rep: Report, out: Path, name: str, title: str, figs: Path) -> 
         plots.append(_plot(figs / f"{name}_accuracy.png", "Reward model accuracy",
                            {k: _xy(evals, k) for k in ("accuracy", "eval/accuracy",
                                                        "eval/review_sentiment/accuracy")}))
-    elif name == "step3_ppo":
+    elif step == "ppo":
         _eval_table(rep, run)
         for key, label in (("score_mean", "reward-model score"), ("kl", "KL to the reference (per reply)"),
                            ("entropy", "entropy (per token)"), ("response_length", "reply length (tokens)")):
             plots.append(_plot(figs / f"{name}_{key}.png", f"PPO {label}", {key: _xy(train, key)}, xlabel="PPO step"))
-    elif name == "step3_dpo":
+    elif step == "dpo":
         _eval_table(rep, run)
         plots.append(_plot(figs / f"{name}_margin.png", "DPO implicit reward margin",
                            {"train": _xy(train, "margin"), "held-out": _xy(evals, "margin")}))
         plots.append(_plot(figs / f"{name}_accuracy.png", "DPO implicit reward accuracy",
                            {"train": _xy(train, "accuracy"), "held-out": _xy(evals, "accuracy")}))
-    elif name == "step3_grpo":
+    elif step == "grpo":
         _task_table(rep, out, run)
         _eval_table(rep, run)
         for key, label in (("reward_mean", "reward (weighted sum)"), ("zero_variance_share", "groups with equal rewards"),
@@ -265,7 +281,8 @@ def _step_section(rep: Report, out: Path, name: str, title: str, figs: Path) -> 
 def _task_table(rep: Report, out: Path, run: Path) -> None:
     """The held-out task scores of the RL export (tasks.json) beside the SFT model's final evaluation."""
     scores = _read_json(run / "tasks.json")
-    sft = read_metrics(out / "step1_sft", "eval")
+    sft_runs = [r for step, r in find_runs(out) if step == "sft"]
+    sft = read_metrics(sft_runs[0], "eval") if sft_runs else []
     sft = sft[-1] if sft else {}
     keys = [k for p in ("", TYPED_PREFIX) for k in (p + s for s in TASK_SCORES) if k in scores]
     if keys:
@@ -274,7 +291,9 @@ def _task_table(rep: Report, out: Path, run: Path) -> None:
 
 
 def _side_by_side(rep: Report, out: Path, n: int = 5) -> None:
-    evals = {name: _read_json(out / f"step3_{name.lower()}" / "eval.json") for name in ("PPO", "DPO", "GRPO")}
+    policies = [(step, run) for step, run in find_runs(out) if step in ("ppo", "dpo", "grpo")]
+    evals = {step.upper() if run.name in UNDECLARED else run.name: _read_json(run / "eval.json")
+             for step, run in policies}
     sources = {name: r["samples"] for name, r in evals.items() if r.get("samples")}
     if not sources:
         return
@@ -299,8 +318,8 @@ def build_report(out: str | Path) -> Report:
         raise UserError(f"{out}: not a directory: give the chain's OUTPUT dir (e.g. outputs/demo)")
     rep, figs = Report(root), root / "report"
     _data_section(rep, root)
-    for name, title in STEPS.items():
-        _step_section(rep, root, name, title, figs)
+    for step, run in find_runs(root):
+        _step_section(rep, root, step, run, figs)
     _side_by_side(rep, root)
     if not rep.blocks:
         raise UserError(f"{out}: holds no step outputs (data/, step1_pretrain/, ...): run the chain first")
