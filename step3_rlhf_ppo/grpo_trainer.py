@@ -15,7 +15,6 @@ No critic and no reward model to train: the reward is a rule (or a frozen reward
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 
 from utils.checkpoint import export_hf
 from utils.config import save_config
-from utils.dist import Precision, all_reduce_sum, get_world_size, is_rank0
+from utils.dist import Precision, all_reduce_sum, get_world_size
 from utils.errors import UserError
 from utils.model import load_causal_lm
 from utils.rewards import RewardFunction, build_reward_functions, load_rl_rows, reward_model_score
@@ -240,7 +239,5 @@ def run_grpo(cfg, run_dir: Path, precision: Precision) -> dict[str, Any]:
     export_hf(actor.module, run_dir / "final", zero_stage=cfg.actor_zero_stage, tokenizer=tokenizer,
               lora_scale=cfg.lora_scale("actor"))
     summary["parameters"] = parameters
-    if is_rank0():
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
     write_done(run_dir, cfg, summary)
     return summary

@@ -17,7 +17,6 @@ the group-relative path, grpo.py); this module adds the critic, the reference an
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import torch
 
 from utils.checkpoint import export_hf, load_tensors
 from utils.data import MicroBatchPlan, PackedTokens, read_token_meta
-from utils.dist import Precision, all_reduce_sum, get_rank, get_world_size, is_rank0
+from utils.dist import Precision, all_reduce_sum, get_rank, get_world_size
 from utils.errors import UserError
 from utils.hybrid import GenerationSwitch, merged_weights
 from utils.losses import count_label_tokens, next_token_loss_sum
@@ -331,7 +330,5 @@ def run_ppo(cfg, run_dir: Path, precision: Precision) -> dict[str, Any]:
         ema_model.load_state_dict(engines.ema.state, strict=False)
         export_hf(ema_model, run_dir / "final_ema", zero_stage=0, tokenizer=tokenizer)
     summary["parameters"] = engines.parameters
-    if is_rank0():
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
     write_done(run_dir, cfg, summary)
     return summary

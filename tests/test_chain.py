@@ -206,6 +206,9 @@ def test_report_card_from_the_outputs(chain):
     assert {"step1_pretrain_loss.png", "step2_reward_accuracy.png", "step3_ppo_kl.png",
             "step3_dpo_margin.png", "step3_grpo_reward_mean.png", "step3_grpo_eval.png"} <= set(images)
     assert "| sentiment_acc |" in md.split("## Step 3: GRPO")[1]  # the task table beside SFT's scores
+    ppo = md.split("## Step 3: PPO")[1].split("## ")[0]  # the probes on both models' answers, loop held out
+    assert "The reward model on each model's answers" in ppo and "| loop* |" in ppo and "| repeat |" in ppo
+    assert "| baseline |" in ppo and "| policy |" in ppo
     page = (chain / "report.html").read_text(encoding="utf-8")
     assert page.count("data:image/png;base64,") == len(images) and "<table>" in page
 

@@ -24,7 +24,6 @@ from typing import Any
 
 from utils.errors import UserError, main_guard
 from utils.log import read_metrics
-from utils.probes import HELD_OUT
 from utils.tasks import TYPED_PREFIX
 
 log = logging.getLogger(__name__)
@@ -200,10 +199,11 @@ def _hackability_table(rep: Report, reports: dict[str, dict], caption: str) -> N
     """Per-probe 'original wins' shares (utils.probes) of one or more hackability reports, and the
     correlation of score with length."""
     kinds = list(next(iter(reports.values()))["probes"])
+    held_out = {k for r in reports.values() for k, p in r["probes"].items() if p.get("held_out")}  # as the probes say
     rep.add("p", caption + "; * marks a kind never in the reward model's training pairs.")
     rows = [[name, *[r["probes"].get(k, {}).get("original_wins", "") for k in kinds], r["length_corr"]]
             for name, r in reports.items()]
-    rep.add("table", (["replies", *[k + ("*" if k in HELD_OUT else "") for k in kinds], "corr(score, length)"], rows))
+    rep.add("table", (["replies", *[k + ("*" if k in held_out else "") for k in kinds], "corr(score, length)"], rows))
 
 
 def find_runs(out: Path) -> list[tuple[str, Path]]:

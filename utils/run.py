@@ -108,12 +108,14 @@ def config_hash(cfg: Any, inputs: dict[str, str] | None = None) -> str:
 
 
 def write_done(run_dir: Path, cfg: Any, summary: dict[str, Any]) -> None:
-    """Mark the step finished: `done` holds the config hash and the summary (rank 0 writes it)."""
+    """Mark the step finished: summary.json holds the run's final figures, `done` the config hash and the
+    summary (rank 0 writes both; `done` last, so a run marked done always has its summary)."""
     from utils.dist import barrier, is_rank0
 
     if not is_rank0():
         barrier()
         return
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
     tmp = run_dir / (DONE + ".tmp")
     tmp.write_text(json.dumps(done_payload(cfg, summary), indent=1, ensure_ascii=False), encoding="utf-8")
     tmp.replace(run_dir / DONE)

@@ -27,7 +27,7 @@ import torch
 
 from utils.checkpoint import CheckpointManager
 from utils.data import MicroBatchPlan
-from utils.dist import Precision, all_reduce_max, all_reduce_sum, get_rank, get_world_size, is_rank0
+from utils.dist import Precision, all_reduce_max, all_reduce_sum, get_rank, get_world_size
 from utils.errors import UserError
 from utils.log import MetricsLogger, peak_rss_mib, progress
 
@@ -241,7 +241,8 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
-        """Train to `total_steps`; returns (and writes to summary.json) the run's final figures."""
+        """Train to `total_steps`; returns the run's final figures (the step writes them with its done
+        marker, utils.run.write_done)."""
         resumed = self._resume()
         metrics_log = MetricsLogger(self.run_dir, self.cfg.enable_tensorboard,
                                     resume_step=self.state.step if resumed else None)
@@ -290,7 +291,4 @@ class Trainer:
             "final_train_loss": record.get("loss", math.nan),
             "final_eval": last_eval,
         }
-        if is_rank0() and record:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False),
-                                                       encoding="utf-8")
         return summary
