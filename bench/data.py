@@ -11,6 +11,12 @@ windows is taken where a figure is cheap enough: the cleaner and the packers).
 
 from __future__ import annotations
 
+import json
+import os
+import random
+import re
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -18,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import timed_windows
+from bench.scaling import REPO, child_env
 
 
 def demo_docs_list() -> list:
@@ -131,10 +138,6 @@ def write_corpus(path: Path, megabytes: int, seed: int = 0) -> int:
     each 4-12 sentences drawn at random from the demo's reviews and news paragraphs (reserved lines left
     out), so that exact and near deduplication keep almost every document and their tables grow with the
     input. Returns the number of documents."""
-    import json
-    import random
-    import re
-
     sentences = sorted({s for d in demo_docs_list() for s in re.split(r"(?<=[。！？!?])", d.text) if len(s) >= 8})
     rng = random.Random(seed)
     written, docs = 0, 0
@@ -151,13 +154,6 @@ def write_corpus(path: Path, megabytes: int, seed: int = 0) -> int:
 def data_process_peak(corpus: Path, out: Path) -> dict:
     """Run data_process/main.py on `corpus` as a user would: its wall time, what it kept, and its peak RSS
     (the child's own maximum resident set, from wait4)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from bench.scaling import REPO, child_env
-
     cmd = [sys.executable, str(REPO / "data_process" / "main.py"), "--input", str(corpus), "--output_dir", str(out)]
     log_path = out.parent / f"{out.name}.log"
     t0 = time.perf_counter()

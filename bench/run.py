@@ -26,7 +26,7 @@ Suites:
   data        cleaning and MinHash dedup, tokenizer training, packing (bench/data.py).
   data_memory peak RSS and documents/s of data_process/main.py on generated corpora of --data_mb sizes (distinct
               documents, so the dedup tables grow): flat memory = the same peak at every size. Not in the
-              default set (the 1 GB input takes about N minutes); run it with --only data_memory.
+              default set (the 1 GB input takes about 20 minutes on 2 cores); run it with --only data_memory.
   scaling     tokens/s and peak memory against preset and sequence length (bench/scaling.py).
   memory      peak RSS of every demo step, and of base-preset PPO under ZeRO-3 with and without offload.
 """
