@@ -12,6 +12,11 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
+from utils.dist import choose_precision, cpu_flags, cpu_has_fast_bf16
+from utils.engine import init_engine
+from utils.model import create_causal_lm
+from utils.trainer import MicroBatchStream, Trainer, measure_peak_flops
+
 SEQ, MICRO = 256, 8
 # the CPU features that decide matmul speed and precision, recorded with every result
 MATH_FLAGS = frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
@@ -79,9 +84,15 @@ def paired_ratio(a: dict, b: dict) -> dict[str, float]:
 
 def bench_model(seed: int = 0, preset: str = "tiny", max_positions: int = 2048):
     """A preset's model (tiny unless asked) with the bench's 8,192-token vocabulary."""
-    from utils.model import create_causal_lm
-
     return create_causal_lm(preset, 8192, max_positions, seed=seed)
+
+
+class GenTokenizer:
+    """The ids generation needs; the stop ids are outside the vocabulary, so every row runs the full length."""
+    pad_token_id, eos_token_id, unk_token_id = 4, 10**6, 0
+
+    def convert_tokens_to_ids(self, _token: str) -> int:
+        return 10**6 + 1
 
 
 def random_batch(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -90,16 +101,12 @@ def random_batch(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def matmul_peak() -> float:
-    from utils.trainer import measure_peak_flops
-
     return measure_peak_flops(torch.device("cpu"))
 
 
 def environment() -> dict:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
         cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.processor())
-    from utils.dist import cpu_flags, cpu_has_fast_bf16
-
     return {"cpu": cpu, "cores": os.cpu_count(), "fast_bf16": cpu_has_fast_bf16(), "threads": torch.get_num_threads(),
             "cpu_flags": sorted(cpu_flags() & MATH_FLAGS),
             "python": platform.python_version(),
@@ -121,17 +128,18 @@ def _version(package: str) -> str:
 def our_loop_step_fn(model, task, data: list, collate: Callable, cfg) -> Callable[[], dict]:
     """One optimizer step of utils.trainer's loop (normalisation, NaN guard, metrics) on a DeepSpeed engine
     built from `cfg` (a TrainConfig or a step's config); returns the step's metrics."""
-    from utils.dist import choose_precision
-    from utils.engine import init_engine
-    from utils.trainer import MicroBatchStream, Trainer
-
     precision = choose_precision(cfg.dtype)
     engine = init_engine(model, cfg, precision, total_steps=10_000)
     trainer = Trainer(cfg, engine, data, collate, task, precision=precision, total_steps=10_000,
                       flops_per_token=0.0, run_dir=cfg.output_dir)
     stream = MicroBatchStream(data, collate, trainer.plan, trainer.state, engine.device)
     engine.train()
-    return lambda: trainer._train_step(stream)
+
+    def step() -> dict:
+        return trainer._train_step(stream)
+
+    step.engine = engine  # for a caller that goes on with the trained engine (bench/gpu_check.py generates)
+    return step
 
 
 def hf_style_step_fn(trainer, model, work: float) -> Callable[[], float]:

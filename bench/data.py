@@ -23,23 +23,28 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import datasets
+import numpy as np
+
 from bench.common import timed_windows
 from bench.scaling import REPO, child_env
+from data_process.clean import Cleaner, CleanOptions, Doc
+from data_process.demo import Reserved, demo_docs
+from data_process.main import DEFAULT_RESERVED
+from step0_tokenizer.pack import pack_split
+from step0_tokenizer.spm import fast_tokenizer_from_sp, train_sentencepiece
+from step1_pretrain_sft.data import render_rows
+from utils.chat import pack_rows
 
 
 def demo_docs_list() -> list:
     """Every demo line but the reserved ones (as data_process drops them; they stay out of everything)."""
-    from data_process.demo import Reserved, demo_docs
-    from data_process.main import DEFAULT_RESERVED
-
     reserved = Reserved.load(str(DEFAULT_RESERVED))
     return list(demo_docs(reserved, 1.0, 0, Counter()))
 
 
 def cleaner_fn(docs: list, near_dup: bool, workdir: Path) -> Callable[[], float]:
     """One full cleaning pass (both passes of the Cleaner) over fresh copies of `docs`; returns docs in."""
-    from data_process.clean import Cleaner, CleanOptions, Doc
-
     runs = iter(range(10**6))
 
     def step() -> float:
@@ -53,8 +58,6 @@ def cleaner_fn(docs: list, near_dup: bool, workdir: Path) -> Callable[[], float]
 
 
 def spm_seconds(lines: list[str], vocab: int, max_piece_length: int, out: Path) -> float:
-    from step0_tokenizer.spm import train_sentencepiece
-
     counts: Counter[str] = Counter()
     for line in lines:
         counts.update(line)
@@ -66,11 +69,6 @@ def spm_seconds(lines: list[str], vocab: int, max_piece_length: int, out: Path) 
 
 def pack_fn(texts: list[str], tokenizer_dir: Path, out: Path) -> Callable[[], float]:
     """step0's pack_split over `texts` (single process, no cache reuse); returns tokens written."""
-    import datasets
-    import numpy as np
-
-    from step0_tokenizer.pack import pack_split
-
     dataset = datasets.Dataset.from_dict({"text": texts})
     runs = iter(range(10**6))
 
@@ -84,9 +82,6 @@ def pack_fn(texts: list[str], tokenizer_dir: Path, out: Path) -> Callable[[], fl
 
 def sft_pack_fn(conversations: list, tokenizer) -> Callable[[], float]:
     """Step 1's SFT data path: render every conversation with the chat template, then pack rows of 512."""
-    from step1_pretrain_sft.data import render_rows
-    from utils.chat import pack_rows
-
     def step() -> float:
         rows = render_rows(conversations, tokenizer, 512, "train")
         packed = pack_rows(rows, 512)
@@ -95,8 +90,6 @@ def sft_pack_fn(conversations: list, tokenizer) -> Callable[[], float]:
 
 
 def suite_data(args) -> dict:
-    from step0_tokenizer.spm import fast_tokenizer_from_sp
-
     out: dict = {}
     kw = {"steps": 1, "windows": args.windows, "warmup": 1, "max_foreign": args.max_foreign}
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:

@@ -22,9 +22,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from datasets import Dataset
 
 from bench.common import hf_args, hf_style_step_fn, interleaved_windows, paired_ratio, rl_step_fn
 from bench.preference import _ids, _saved_tiny, as_text, word_tokenizer
+from step3_rlhf_ppo.grpo import GRPOConfig
+from step3_rlhf_ppo.grpo_trainer import GRPOTrainer
+from utils.config import parse_config
+from utils.dist import choose_precision
+from utils.generation import SamplingConfig, sample_tokens
+from utils.model import load_causal_lm
+from utils.rewards import RewardFunction
+from utils.rl_trainer import build_actor
+from utils.trainer import MicroBatchStream
 
 PROMPTS, G, PROMPT, REPLY = 4, 8, 96, 48
 PREFILL_REPLIES = (4, 16, 48)
@@ -44,14 +54,6 @@ def _prompt_ids(n: int = 64) -> list[list[int]]:
 
 
 def our_grpo_step_fn(root: Path, record: list) -> Callable[[], float]:
-    from step3_rlhf_ppo.grpo import GRPOConfig
-    from step3_rlhf_ppo.grpo_trainer import GRPOTrainer
-    from utils.config import parse_config
-    from utils.dist import choose_precision
-    from utils.rewards import RewardFunction
-    from utils.rl_trainer import build_actor
-    from utils.trainer import MicroBatchStream
-
     out = root / "ours-grpo"
     cfg = parse_config(GRPOConfig, [
         "--actor_model_name_or_path", str(root / "tiny"), "--data_path", "-", "--output_dir", str(out),
@@ -72,10 +74,7 @@ def our_grpo_step_fn(root: Path, record: list) -> Callable[[], float]:
 
 
 def trl_grpo_step_fn(root: Path) -> Callable[[], float]:
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-
-    from utils.model import load_causal_lm
+    from trl import GRPOConfig, GRPOTrainer  # trl: installed by make bench only
 
     def reward(prompts, completions, **_):
         return even_share(completions)
@@ -93,9 +92,6 @@ def trl_grpo_step_fn(root: Path) -> Callable[[], float]:
 def prefill_fns(root: Path, reply: int) -> dict[str, Callable[[], float]]:
     """Sampling G replies of `reply` tokens per prompt with one prefill per prompt, and with the prompt
     repeated G times."""
-    from utils.generation import SamplingConfig, sample_tokens
-    from utils.model import load_causal_lm
-
     model, tokenizer = load_causal_lm(root / "tiny").eval(), word_tokenizer()
     ids = torch.tensor(_prompt_ids(PROMPTS))
     mask = torch.ones_like(ids)

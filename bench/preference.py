@@ -21,6 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from bench.common import (
     bench_model,
@@ -30,6 +33,12 @@ from bench.common import (
     our_loop_step_fn,
     paired_ratio,
 )
+from step2_reward_model.main import RewardTask, Step2Config
+from step3_rlhf_ppo.dpo import DPOCollator, DPOConfig, DPOTask, SharedPromptCollator, attach_reference
+from utils.dist import choose_precision
+from utils.model import load_causal_lm
+from utils.preference import PairCollator
+from utils.reward import create_reward_model
 
 PAD = 4  # outside the random ids (5..8191)
 RM_PAIRS, RM_LEN = 8, 256
@@ -50,9 +59,6 @@ def _saved_tiny(root: Path) -> Path:
 def word_tokenizer():
     """A tokenizer whose words "w0".."w8191" are the ids 0..8191, so that text built from random ids
     tokenises back to exactly those ids (TRL's DPOTrainer takes text only); pad "w4", eos "w1"."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(8192)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1", pad_token="w4")
@@ -72,10 +78,6 @@ def rm_rows(n: int = 64) -> list[dict]:
 
 
 def our_rm_step_fn(root: Path) -> Callable[[], float]:
-    from step2_reward_model.main import RewardTask, Step2Config
-    from utils.preference import PairCollator
-    from utils.reward import create_reward_model
-
     cfg = Step2Config(output_dir=str(root / "ours-rm"), model_name_or_path=str(root / "tiny"), data_path="-",
                       per_device_train_batch_size=RM_PAIRS, max_seq_len=RM_LEN, eval_interval=0, save_interval=0,
                       enable_tensorboard=False, dtype="fp32")
@@ -86,10 +88,7 @@ def our_rm_step_fn(root: Path) -> Callable[[], float]:
 
 
 def trl_rm_step_fn(root: Path) -> Callable[[], float]:
-    from datasets import Dataset
-    from trl import RewardConfig, RewardTrainer
-
-    from utils.reward import create_reward_model
+    from trl import RewardConfig, RewardTrainer  # trl: installed by make bench only
 
     model = create_reward_model(root / "tiny", PAD, seed=0)
     data = Dataset.from_list([{"chosen_ids": r["chosen"], "rejected_ids": r["rejected"]} for r in rm_rows()])
@@ -125,10 +124,6 @@ def dpo_rows(n: int = 32) -> list[dict]:
 
 def our_dpo_step_fn(root: Path, precompute: bool, share_prompt: bool = True) -> Callable[[], float]:
     """Our DPO step in dpo.py's default layout (shared prompt: one row per pair) or the two-row one."""
-    from step3_rlhf_ppo.dpo import DPOCollator, DPOConfig, DPOTask, SharedPromptCollator, attach_reference
-    from utils.dist import choose_precision
-    from utils.model import load_causal_lm
-
     run_dir = root / f"ours-dpo-{precompute}-{share_prompt}"
     run_dir.mkdir()
     cfg = DPOConfig(output_dir=str(run_dir), model_name_or_path=str(root / "tiny"), data_path="-",
@@ -143,10 +138,7 @@ def our_dpo_step_fn(root: Path, precompute: bool, share_prompt: bool = True) -> 
 
 
 def trl_dpo_step_fn(root: Path, precompute: bool) -> Callable[[], float]:
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
-
-    from utils.model import load_causal_lm
+    from trl import DPOConfig, DPOTrainer  # trl: installed by make bench only
 
     model = load_causal_lm(root / "tiny")
     data = Dataset.from_list([{"prompt": as_text(r["chosen"]["input_ids"][:PROMPT]),

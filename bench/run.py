@@ -44,11 +44,15 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import tempfile
+
 import torch
+from transformers import Trainer, TrainingArguments
 
 from bench.common import (
     MICRO,
     SEQ,
+    GenTokenizer,
     bench_model,
     environment,
     hf_args,
@@ -65,6 +69,21 @@ from bench.data import suite_data, suite_data_memory
 from bench.grpo import suite_grpo
 from bench.preference import suite_dpo, suite_rm
 from bench.scaling import suite_memory, suite_scaling
+from step3_rlhf_ppo.main import PPOConfig
+from step3_rlhf_ppo.ppo_trainer import PPOTrainer, build_engines
+from utils.config import TrainConfig, parse_config
+from utils.data import stack_collate
+from utils.dist import choose_precision, init_distributed
+from utils.engine import init_engine
+from utils.generation import SamplingConfig
+from utils.hybrid import GenerationSwitch
+from utils.lm import CausalLMTask
+from utils.log import setup_logging
+from utils.model import count_parameters, flops_per_token
+from utils.preference import load_prompts
+from utils.rl_trainer import encode_prompts
+from utils.step import load_tokenizer
+from utils.trainer import MicroBatchStream
 
 RESULTS = Path(__file__).resolve().parent / "results"
 log = logging.getLogger("bench")
@@ -92,10 +111,6 @@ def plain_step_fn(preset: str = "tiny", autocast: bool = False) -> Callable[[], 
 
 def our_lm_step_fn(stage: int, preset: str = "tiny", dtype: str = "fp32") -> Callable[[], float]:
     """One optimizer step of utils.trainer's loop on the LM loss at ZeRO `stage` and --dtype `dtype`."""
-    from utils.config import TrainConfig
-    from utils.data import stack_collate
-    from utils.lm import CausalLMTask
-
     cfg = TrainConfig(output_dir="/tmp/bench-run", zero_stage=stage, per_device_train_batch_size=MICRO,
                       max_seq_len=SEQ, eval_interval=0, save_interval=0, enable_tensorboard=False, dtype=dtype)
     data = [{k: v[j] for k, v in random_batch(i).items()} for i in range(64) for j in range(MICRO)]
@@ -105,8 +120,6 @@ def our_lm_step_fn(stage: int, preset: str = "tiny", dtype: str = "fp32") -> Cal
 
 
 def hf_trainer_step_fn(preset: str = "tiny") -> Callable[[], float]:
-    from transformers import Trainer, TrainingArguments
-
     model = bench_model(preset=preset)
     data = [{k: v[j] for k, v in random_batch(i).items()} for i in range(64) for j in range(MICRO)]
     trainer = Trainer(model=model, args=hf_args(TrainingArguments, "/tmp/bench-hf", MICRO), train_dataset=data)
@@ -117,9 +130,6 @@ def train_preset(preset: str, kw: dict, peak: float) -> dict:
     """The train suite on one preset: every run's tokens/s, interleaved; ratios to the plain loop and of our
     ZeRO-0 loop to Trainer; MFU. Where --dtype auto resolves to bf16 (a CPU with native bf16), also our
     ZeRO-0 loop at auto precision and the plain loop under bf16 autocast, each against fp32 Trainer."""
-    from utils.dist import choose_precision
-    from utils.model import count_parameters, flops_per_token
-
     auto = choose_precision("auto").name
     runs = {"plain": plain_step_fn(preset),
             **{f"ours_zero{stage}": our_lm_step_fn(stage, preset) for stage in (0, 1, 2, 3)},
@@ -152,15 +162,6 @@ def suite_train(args) -> dict:
 # Suite: generation
 
 
-class _GenTokenizer:
-    """The ids generation needs; the stop ids are outside the vocabulary, so every row runs the full length."""
-
-    pad_token_id, eos_token_id, unk_token_id = 4, 10**6, 0
-
-    def convert_tokens_to_ids(self, _token: str) -> int:
-        return 10**6 + 1
-
-
 def hf_generate_fn(ids: torch.Tensor, new: int, cache: bool) -> Callable[[], float]:
     model = bench_model().eval()
 
@@ -174,15 +175,9 @@ def hf_generate_fn(ids: torch.Tensor, new: int, cache: bool) -> Callable[[], flo
 
 def own_generate_fn(ids: torch.Tensor, new: int, stage: int) -> Callable[[], float]:
     """PPO's own generation path (utils.hybrid) on a DeepSpeed engine at ZeRO `stage`."""
-    from utils.config import TrainConfig
-    from utils.dist import choose_precision
-    from utils.engine import init_engine
-    from utils.generation import SamplingConfig
-    from utils.hybrid import GenerationSwitch
-
     cfg = TrainConfig(output_dir="/tmp/bench-gen", zero_stage=stage, per_device_train_batch_size=ids.shape[0])
     engine = init_engine(bench_model(), cfg, choose_precision("fp32"), 10)
-    switch = GenerationSwitch(engine, _GenTokenizer(), stage, use_hybrid_engine=False, lora_scale=None)
+    switch = GenerationSwitch(engine, GenTokenizer(), stage, use_hybrid_engine=False, lora_scale=None)
     sampling = SamplingConfig(max_new_tokens=new, temperature=1.0)
     mask = torch.ones_like(ids)
 
@@ -194,10 +189,6 @@ def own_generate_fn(ids: torch.Tensor, new: int, stage: int) -> Callable[[], flo
 def per_forward_generate_fn(ids: torch.Tensor, new: int) -> Callable[[], float]:
     """HF generate on a ZeRO-3 engine's partitioned module: DeepSpeed's hooks gather each layer's weights
     again in every forward (one per new token), what the own path's gather-once avoids."""
-    from utils.config import TrainConfig
-    from utils.dist import choose_precision
-    from utils.engine import init_engine
-
     cfg = TrainConfig(output_dir="/tmp/bench-gen", zero_stage=3, per_device_train_batch_size=ids.shape[0])
     engine = init_engine(bench_model(), cfg, choose_precision("fp32"), 10)
     engine.eval()
@@ -239,17 +230,6 @@ def ppo_step_fn(demo: Path, gen_batch: int, answer_len: int, record: list) -> Ca
     """One PPO step of step3.sh's configuration on the demo's SFT and reward-model exports (actor, reference,
     critic, reward model), with the generation batch and reply length given; each step's metrics line
     (time breakdown included) is appended to `record`."""
-    import tempfile
-
-    from step3_rlhf_ppo.main import PPOConfig
-    from step3_rlhf_ppo.ppo_trainer import PPOTrainer, build_engines
-    from utils.config import parse_config
-    from utils.dist import choose_precision
-    from utils.preference import load_prompts
-    from utils.rl_trainer import encode_prompts
-    from utils.step import load_tokenizer
-    from utils.trainer import MicroBatchStream
-
     out = tempfile.mkdtemp(prefix="bench-ppo-")
     cfg = parse_config(PPOConfig, [
         "--actor_model_name_or_path", str(demo / "step1_sft" / "final"),
@@ -310,9 +290,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max_foreign", type=float, default=0.05,
                         help="redo a window when other processes used more CPU than this share of it")
     args = parser.parse_args(argv)
-    from utils.dist import init_distributed
-    from utils.log import setup_logging
-
     setup_logging()
     init_distributed()
     RESULTS.mkdir(parents=True, exist_ok=True)

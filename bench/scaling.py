@@ -41,7 +41,7 @@ def _child(config: dict, timeout: int = 1800) -> dict:
 
 def measure_training(preset: str, seq: int, micro: int, steps: int, windows: int, max_foreign: float) -> dict:
     """(in the child) tokens/s, MFU and peak RSS of our loop on `preset` at (micro, seq)."""
-    import torch
+    import torch  # in the child only: the parent stays light, the child's peak RSS is the run's
 
     from bench.common import bench_model, our_loop_step_fn, timed_windows
     from utils.config import TrainConfig
@@ -86,7 +86,7 @@ def suite_scaling(args) -> dict:
 def base_ppo_models(root: Path) -> tuple[Path, Path, Path]:
     """Untrained base-preset exports as step 3 takes them: an actor (causal LM) and a reward model
     (sequence classifier) sharing the tests' chat tokenizer, plus a prompts file."""
-    from testkit.chat_tokenizer import make_chat_tokenizer
+    from testkit.chat_tokenizer import make_chat_tokenizer  # in the child only (see measure_training)
     from utils.model import create_causal_lm
     from utils.reward import create_reward_model
 
@@ -133,7 +133,7 @@ def suite_memory(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-mem-") as tmp:
         root = Path(tmp)
         actor, _, _ = base_ppo_models(root)
-        from utils.model import count_parameters, load_causal_lm
+        from utils.model import count_parameters, load_causal_lm  # in the child only (see measure_training)
 
         out["base_parameters"] = count_parameters(load_causal_lm(actor))
         out["base_ppo_zero3"] = base_ppo_peak(root, offload=False)

@@ -117,6 +117,7 @@ def cpu_model() -> str:
 
 def build_nano_model(root: Path) -> Path:
     """An untrained nano causal LM with the tests' chat tokenizer, exported as a step's final/ dir."""
+    # the load client imports no torch; only this set-up does
     from testkit.chat_tokenizer import make_chat_tokenizer
     from utils.model import create_causal_lm
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from utils.errors import UserError
 
 SLOTS = ("text", "prompt", "response", "system", "history", "messages", "chosen", "rejected")
@@ -290,12 +292,7 @@ def _spec_file(path: str) -> dict[str, Any]:
                         "slot=field pairs")
     try:
         text = p.read_text(encoding="utf-8")
-        if p.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
+        data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
     except Exception as err:  # json, yaml and decoding raise different types; all mean a malformed file
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"--columns {path}: not a valid {p.suffix.lstrip('.').upper()} file ({first[:120]})") from None

@@ -33,6 +33,10 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np
+
+from data_process.columns import detect
+from data_process.readers import raw_rows
 from utils.config import option, parse_config, require, require_non_negative, require_positive
 from utils.errors import UserError, main_guard
 
@@ -92,8 +96,6 @@ class PairsConfig:
 def _prompt_and_reference(row: Any, where: str) -> tuple[str, str]:
     if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("reference"), str):
         return row["prompt"], row["reference"]
-    from data_process.columns import detect
-
     spec = detect(row, where)
     if spec.kind != "sft":
         raise UserError(f"{where}: needs a prompt and a reference answer ({{\"prompt\", \"reference\"}}, "
@@ -107,8 +109,6 @@ def _prompt_and_reference(row: Any, where: str) -> tuple[str, str]:
 
 def read_rows(cfg: PairsConfig) -> list[dict[str, str]]:
     """{"prompt", "reference", "task"} of every kept input row, in input order."""
-    from data_process.readers import raw_rows
-
     rows: list[dict[str, str]] = []
     for where, row in raw_rows(cfg.data):
         task = str(row.get("task", "")) if isinstance(row, dict) else ""
@@ -158,6 +158,7 @@ def generate_answers(cfg: PairsConfig, rows: list[dict[str, str]], out: Path) ->
     done = {} if stale else _load_done(gen_path, cfg.batch_size, len(rows))
     todo = [first for first in range(0, len(rows), cfg.batch_size) if first not in done]
     if todo:
+        # torch and the model only when there is something left to generate
         from utils.generation import SamplingConfig, generate_replies
         from utils.log import progress
         from utils.model import load_for_inference
@@ -236,8 +237,7 @@ def build_pairs(cfg: PairsConfig, rows: list[dict[str, str]], answers: list[str]
 
 def write_pairs(cfg: PairsConfig, out: Path, pairs: list[dict], stats: dict[str, Any]) -> Path:
     """OUT/pairs as a save_to_disk DatasetDict (written beside, then renamed into place)."""
-    import datasets
-    import numpy as np
+    import datasets  # datasets (~1.5 s to import) only when writing the pairs
 
     order = np.random.default_rng(cfg.seed).permutation(len(pairs)).tolist()
     n_val = int(round(len(pairs) * cfg.validation_share))
@@ -259,9 +259,9 @@ def write_pairs(cfg: PairsConfig, out: Path, pairs: list[dict], stats: dict[str,
 
 @main_guard
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from utils.log import setup_logging
-
     cfg = parse_config(PairsConfig, argv, prog="data_process/make_pairs.py")
+    from utils.log import setup_logging  # after the flags: a bad flag is answered before torch loads (~2 s)
+
     setup_logging()
     rows = read_rows(cfg)
     out = Path(cfg.out)

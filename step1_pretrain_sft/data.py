@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import datasets
+
 from utils.chat import check_messages, render_chat
 from utils.data import check_lengths
 from utils.errors import UserError
@@ -26,8 +28,6 @@ def load_sft_split(path: str, split: str, required: bool = True) -> tuple[list[l
     if p.is_file() and p.suffix == ".jsonl":
         rows: list[Any] = read_jsonl(p) if split == "train" else []
     elif p.is_dir():
-        import datasets
-
         try:
             data = datasets.load_from_disk(str(p))
         except (FileNotFoundError, ValueError) as err:

@@ -45,7 +45,7 @@ class ScoreConfig:
 @main_guard
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(ScoreConfig, argv, prog="step1_pretrain_sft/score_tasks.py")
-    from utils.model import load_causal_lm
+    from utils.model import load_causal_lm  # after the flags: a bad flag is answered before torch loads
     from utils.tokenizer import load_tokenizer_dir
 
     sets = load_task_evals(cfg.eval_task_dir, cfg.samples)

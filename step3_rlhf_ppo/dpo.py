@@ -33,11 +33,13 @@ if __package__ in (None, ""):
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from utils.chat import PaddedCollator, render_chat
 from utils.config import TrainConfig, option, require
 from utils.data import check_lengths, sharded_eval_batches
 from utils.dist import barrier, get_device, get_rank, get_world_size, is_rank0
+from utils.engine import frozen_engine
 from utils.errors import UserError, main_guard
 from utils.log import read_metrics
 from utils.losses import IGNORE_INDEX, preference_loss, sequence_logps
@@ -317,17 +319,8 @@ def attach_reference(cfg: DPOConfig, run_dir: Path, train: list[dict], evals: di
     if cfg.loss_type == "simpo":
         return None
     if not cfg.precompute_ref_logps:
-        import deepspeed
-
-        from utils.ds_config import inference_ds_config
-
-        ds = inference_ds_config(micro_batch=cfg.per_device_train_batch_size, world_size=get_world_size(),
-                                 zero_stage=cfg.zero_stage, offload=cfg.offload_reference_model,
-                                 precision=precision)
-        engine, *_ = deepspeed.initialize(model=load_causal_lm(cfg.model_name_or_path).eval(), config=ds)
-        return engine
-    from safetensors.torch import load_file, save_file
-
+        return frozen_engine(load_causal_lm(cfg.model_name_or_path), cfg.per_device_train_batch_size,
+                             cfg.zero_stage, cfg.offload_reference_model, precision)
     path = run_dir / REF_FILE
     sets = {"train": train, **evals}
     if path.is_file():

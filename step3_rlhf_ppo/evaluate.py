@@ -95,7 +95,7 @@ def reply_logps(model, tokenizer, prompts: list[str], answers: list[str], temper
 @main_guard
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(EvalConfig, argv, prog="step3_rlhf_ppo/evaluate.py")
-    from utils.model import load_causal_lm
+    from utils.model import load_causal_lm  # after the flags: a bad flag is answered before torch loads
 
     rows = read_jsonl(cfg.prompts)[:cfg.num_prompts]
     if not rows or not all(isinstance(r.get("prompt"), str) for r in rows):

@@ -70,11 +70,12 @@ class GRPOConfig(RLConfig):
 
 @main_guard
 def main(argv: list[str] | None = None) -> dict:
-    from utils.step import start
+    from utils.step import start  # importing this module (its config class) loads no DeepSpeed
 
     cfg, run_dir, precision, finished = start(GRPOConfig, argv, "step3_rlhf_ppo/grpo.py")
     if finished is not None:
         return finished
+    # the trainer (models, engines) only for a run that is not finished
     from step3_rlhf_ppo.grpo_trainer import run_grpo
 
     return run_grpo(cfg, run_dir, precision)

@@ -25,6 +25,7 @@ import torch
 from utils.checkpoint import export_hf
 from utils.config import save_config
 from utils.dist import Precision, all_reduce_sum, get_world_size
+from utils.engine import frozen_engine
 from utils.errors import UserError
 from utils.model import load_causal_lm
 from utils.rewards import RewardFunction, build_reward_functions, load_rl_rows, reward_model_score
@@ -44,13 +45,13 @@ from utils.rl_trainer import (
     RLTrainer,
     build_actor,
     encode_prompts,
-    frozen_engine,
     global_mean,
     global_std,
     reply_logits,
     total_rl_steps,
 )
 from utils.run import write_done
+from utils.step import load_tokenizer
 
 log = logging.getLogger("grpo")
 
@@ -202,8 +203,6 @@ def interleave(sources: list[list[dict]]) -> list[dict]:
 
 def run_grpo(cfg, run_dir: Path, precision: Precision) -> dict[str, Any]:
     """Load rows, reward functions and models, train, export final/ (the actor), mark done."""
-    from utils.step import load_tokenizer
-
     tokenizer = load_tokenizer(cfg.tokenizer_path or cfg.actor_model_name_or_path, "--tokenizer_path")
     g = cfg.num_generations
 

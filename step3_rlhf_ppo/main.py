@@ -87,11 +87,12 @@ class PPOConfig(RLConfig):
 
 @main_guard
 def main(argv: list[str] | None = None) -> dict:
-    from utils.step import start
+    from utils.step import start  # importing this module (its config class) loads no DeepSpeed
 
     cfg, run_dir, precision, finished = start(PPOConfig, argv, "step3_rlhf_ppo/main.py")
     if finished is not None:
         return finished
+    # the trainer (models, engines) only for a run that is not finished
     from step3_rlhf_ppo.ppo_trainer import run_ppo
 
     return run_ppo(cfg, run_dir, precision)

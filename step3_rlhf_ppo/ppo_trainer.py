@@ -26,8 +26,10 @@ from typing import Any
 import torch
 
 from utils.checkpoint import export_hf, load_tensors
+from utils.config import save_config
 from utils.data import MicroBatchPlan, PackedTokens, read_token_meta
 from utils.dist import Precision, all_reduce_sum, get_rank, get_world_size
+from utils.engine import frozen_engine, init_engine
 from utils.errors import UserError
 from utils.hybrid import GenerationSwitch, merged_weights
 from utils.losses import count_label_tokens, next_token_loss_sum
@@ -50,13 +52,13 @@ from utils.rl_trainer import (
     build_actor,
     check_same_tokenizer,
     encode_prompts,
-    frozen_engine,
     global_mean,
     global_std,
     reply_logits,
     total_rl_steps,
 )
 from utils.run import write_done
+from utils.step import load_tokenizer, prepare_model
 
 log = logging.getLogger("ppo")
 
@@ -99,9 +101,6 @@ class Engines:
 def build_engines(cfg, tokenizer, precision: Precision, total_updates: int) -> Engines:
     """Actor and critic as trained engines (own ZeRO stage, LoRA, schedule), reference and reward model as
     frozen inference engines; the generation switch on the actor."""
-    from utils.engine import init_engine
-    from utils.step import prepare_model
-
     reward_dir = cfg.reward_model_name_or_path or cfg.critic_model_name_or_path
     check_same_tokenizer(tokenizer, reward_dir, "reward model", "--reward_model_name_or_path")
     actor, switch, actor_counts = build_actor(cfg, tokenizer, precision, total_updates)
@@ -300,9 +299,6 @@ class PPOTrainer(RLTrainer):
 
 def run_ppo(cfg, run_dir: Path, precision: Precision) -> dict[str, Any]:
     """Load data and models, train, export final/ (actor), final_ema/ and critic/, mark done."""
-    from utils.config import save_config
-    from utils.step import load_tokenizer
-
     tokenizer = load_tokenizer(cfg.tokenizer_path or cfg.actor_model_name_or_path, "--tokenizer_path")
     prompts = encode_prompts(tokenizer, load_prompts(cfg.data_path, "train"), cfg.max_prompt_seq_len,
                              f"--data_path {cfg.data_path}", cfg.long_inputs)

@@ -213,6 +213,34 @@ def test_report_card_from_the_outputs(chain):
     assert page.count("data:image/png;base64,") == len(images) and "<table>" in page
 
 
+def test_report_results_table_holds_each_runs_figures(chain):
+    """The report's opening table (the README's results table) gives each run's wall time and headline
+    figures as the runs wrote them, and the commit of the code that made them."""
+    from utils.log import read_metrics
+    from utils.report import build_report
+    from utils.run import code_commit
+
+    build_report(chain)
+    md = (chain / "report.md").read_text(encoding="utf-8")
+    results = md.split("## Results")[1].split("## ")[0]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in results.splitlines()
+            if line.startswith("| Step")}
+    assert list(rows) == ["Step 1: pretraining", "Step 1: supervised fine-tuning", "Step 2: reward model",
+                          "Step 3: PPO", "Step 3: DPO", "Step 3: GRPO (verifiable task rewards)"]
+    sft = read_metrics(chain / "step1_sft", "eval")[-1]
+    assert f"sentiment {sft['sentiment_acc']:.3f}, segmentation F1 {sft['segmentation_f1']:.3f}" in rows[
+        "Step 1: supervised fine-tuning"][1]
+    rm = read_metrics(chain / "step2_reward", "eval")[-1]
+    assert f"held-out pair accuracy {rm['eval/accuracy']:.3f}" in rows["Step 2: reward model"][1]
+    dpo = json.loads((chain / "step3_dpo" / "eval.json").read_text(encoding="utf-8"))
+    assert f"win-rate {dpo['win_rate']:.2f} vs SFT" in rows["Step 3: DPO"][1]
+    tasks = json.loads((chain / "step3_grpo" / "tasks.json").read_text(encoding="utf-8"))
+    assert f"NER F1 {sft['ner_f1']:.3f} -> {tasks['ner_f1']:.3f}" in rows["Step 3: GRPO (verifiable task rewards)"][1]
+    wall = json.loads((chain / "step1_pretrain" / "summary.json").read_text(encoding="utf-8"))["wall_seconds"]
+    assert rows["Step 1: pretraining"][0] == f"{wall / 60:.0f} min"
+    assert f"commit {code_commit() or 'unknown'};" in results  # the fixture chain's runs were made by this code
+
+
 def test_report_finds_runs_by_the_step_they_declare(chain, tmp_path):
     """A run under any dir name is reported as the step its config.json declares (the report knows no
     folder names); a dir that is not a run is left out."""
@@ -225,6 +253,33 @@ def test_report_finds_runs_by_the_step_they_declare(chain, tmp_path):
     build_report(tmp_path)
     md = (tmp_path / "report.md").read_text(encoding="utf-8")
     titles = [line for line in md.splitlines() if line.startswith("## ")]
-    assert titles[:3] == ["## Data and tokenizer", "## Step 1: supervised fine-tuning", "## Step 3: DPO (dpo_beta_0.3)"]
+    assert titles[:4] == ["## Results", "## Data and tokenizer", "## Step 1: supervised fine-tuning",
+                          "## Step 3: DPO (dpo_beta_0.3)"]
+    assert "| Step 3: DPO (dpo_beta_0.3) |" in md.split("## Data and tokenizer")[0]  # its row in the results
     assert not any("pretraining" in t or "PPO" in t for t in titles)
     assert (tmp_path / "report" / "dpo_beta_0.3_margin.png").is_file()
+
+
+def test_gpu_check_table_and_base_check_on_cpu(chain, tmp_path, monkeypatch):
+    """bench/gpu_check.py's two halves on CPU: the table reads each run of the chain (ok, tokens/s from its
+    summary, no GPU memory here) and reports the base check missing as failed; the base check itself, on the
+    nano preset, trains and generates and writes figures the table shows."""
+    from bench.gpu_check import base_check, table
+
+    text, ok = table(chain)
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in text.splitlines()[2:]}
+    assert not ok and rows["Step 3: DPO"][0] == "ok" and rows["Step 3: PPO"][2] == "-"
+    ppo = json.loads((chain / "step3_ppo" / "summary.json").read_text(encoding="utf-8"))
+    assert ppo["peak_gpu_mib"] is None  # no CUDA here: recorded as unknown, not as 0
+    sft = json.loads((chain / "step1_sft" / "summary.json").read_text(encoding="utf-8"))
+    assert rows["Step 1: supervised fine-tuning"][1] == f"{sft['tok_per_s']:,.0f}"
+    assert rows["base preset: training steps"][0] == "failed"
+
+    monkeypatch.setenv("GPU_CHECK_PRESET", "nano")
+    result = base_check(tmp_path, steps=2)
+    assert result["preset"] == "nano" and result["precision"] == "fp32" and math.isfinite(result["final_loss"])
+    assert result["train_tok_per_s"] > 0 and result["generate_tok_per_s"] > 0 and result["peak_gpu_mib"] is None
+    (chain / "base.json").write_text(json.dumps(result))
+    text, ok = table(chain)
+    assert "| nano preset: training steps | ok |" in text and "| nano preset: generation" in text
+    (chain / "base.json").unlink()

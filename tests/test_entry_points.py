@@ -66,3 +66,14 @@ def test_every_entry_point_answers_help_from_any_directory(tmp_path):
     for script, proc in procs.items():
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0 and "usage:" in out, f"{script}: {err[-1000:]}"
+
+
+def test_gpu_check_says_no_gpu_in_one_line_and_runs_nothing(tmp_path):
+    """On a machine without CUDA, bench/gpu_check.sh prints one line and exits 0 before it writes anything."""
+    out = tmp_path / "check"
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(out)], capture_output=True, text=True,
+                          env={**clean_env(), "PY": sys.executable}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines() == [
+        f"gpu_check: no CUDA GPU visible to {sys.executable} (torch.cuda.is_available() is not True): nothing run"]
+    assert not out.exists()

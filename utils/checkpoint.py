@@ -27,10 +27,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from utils.dist import barrier, get_rank, get_world_size, is_rank0
+from utils.engine import full_state_dict
 from utils.errors import UserError, is_storage_error
 from utils.generation import stop_token_ids
+from utils.model import merge_lora_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +178,6 @@ class CheckpointManager:
         else:
             engine.save_checkpoint(str(self.directory), tag=tmp_tag, client_state={}, save_latest=False)
         if tensors and is_rank0():
-            from safetensors.torch import save_file
-
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
         client = {"step": step, "world_size": get_world_size(), "loop": loop_state, "rng": rng_state()}
         write_json_atomic(tmp / f"client_rank{get_rank()}.json", client)
@@ -251,8 +252,6 @@ class CheckpointManager:
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """The extra tensors a checkpoint holds (empty if none were saved)."""
-    from safetensors.torch import load_file
-
     file = path / TENSORS
     return load_file(str(file)) if file.is_file() else {}
 
@@ -267,18 +266,6 @@ def _fsync_dir(path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # Hugging Face export
-
-
-def gathered_state_dict(model: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor] | None:
-    """The full fp32 state dict on rank 0 (None elsewhere), gathering ZeRO-3 partitions first."""
-    if zero_stage == 3:
-        import deepspeed
-
-        params = list(model.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            state = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()} if is_rank0() else None
-        return state
-    return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()} if is_rank0() else None
 
 
 def set_special_token_ids(model: torch.nn.Module, tokenizer: Any) -> None:
@@ -303,10 +290,8 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, *, zero_stage: int, t
     safetensors + config (+ tokenizer, whose token ids the configs then name: set_special_token_ids) to
     `out_dir`.tmp and renames it into place. All ranks call this.
     """
-    from utils.model import merge_lora_state_dict
-
     out = Path(out_dir)
-    state = gathered_state_dict(model, zero_stage)
+    state = full_state_dict(model, zero_stage, rank0_fp32_cpu=True)
     if is_rank0():
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if lora_scale is not None:

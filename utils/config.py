@@ -309,7 +309,7 @@ def config_dict(cfg: Any) -> dict[str, Any]:
 def save_config(cfg: Any, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
     """Write the resolved config (plus run facts such as world size) as JSON, atomically; rank 0 only (two
     ranks writing the same tmp file raced: one renamed it away under the other)."""
-    from utils.dist import is_rank0
+    from utils.dist import is_rank0  # utils.dist imports torch; this module stays torch-free (data_process)
 
     if not is_rank0():
         return

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from utils.dist import get_rank, get_world_size
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,6 @@ def sharded_eval_batches(dataset: Any, collate: Callable, batch_size: int, max_b
     Every rank yields the same number of batches, since ZeRO-3 gathers weights collectively in each
     forward: a rank that has run out of rows gets a stand-in batch with real=False, to be ignored.
     """
-    from utils.dist import get_rank, get_world_size
-
     world = get_world_size()
     rows = shard_rows(len(dataset), world, get_rank())
     per_rank = -(-len(dataset) // world)

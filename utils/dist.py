@@ -43,7 +43,7 @@ def set_launcher_defaults() -> None:
 
 def init_distributed() -> None:
     """Start torch.distributed through DeepSpeed (idempotent)."""
-    import deepspeed
+    import deepspeed  # DeepSpeed (~0.5 s more than torch) only when a process group starts
 
     set_launcher_defaults()
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
+import deepspeed
 import torch
 
-from utils.dist import Precision, get_world_size
-from utils.ds_config import train_ds_config
+from utils.dist import Precision, get_world_size, is_rank0
+from utils.ds_config import inference_ds_config, train_ds_config
 
 
 def lr_lambda(step: int, *, warmup: int, total: int, kind: str, min_ratio: float) -> float:
@@ -45,6 +47,7 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, b
     too, as transformers' Trainer does); DeepSpeed's CPU Adam only for CUDA training with optimizer offload."""
     groups = param_groups(model, weight_decay)
     if torch.cuda.is_available() and offload:
+        # CUDA with optimizer offload only: loads a compiled op
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=lr, betas=betas)
@@ -57,8 +60,6 @@ def init_engine(model: torch.nn.Module, cfg: Any, precision: Precision, total_st
 
     `cfg` is a utils.config.TrainConfig (or a step config extending it).
     """
-    import deepspeed
-
     optimizer = build_optimizer(model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                 betas=(cfg.adam_beta1, cfg.adam_beta2), offload=cfg.offload)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -77,3 +78,24 @@ def init_engine(model: torch.nn.Module, cfg: Any, precision: Precision, total_st
         # buckets and back after each backward
         engine.enable_backward_allreduce = False
     return engine
+
+
+def frozen_engine(model, micro_batch: int, zero_stage: int, offload: bool, precision: Precision):
+    """A model that only runs forward (reference, reward model) as a DeepSpeed inference engine."""
+    ds = inference_ds_config(micro_batch=micro_batch, world_size=get_world_size(), zero_stage=zero_stage,
+                             offload=offload, precision=precision)
+    engine, *_ = deepspeed.initialize(model=model.eval(), config=ds)
+    return engine
+
+
+def full_state_dict(model: torch.nn.Module, zero_stage: int, rank0_fp32_cpu: bool = False,
+                    ) -> dict[str, torch.Tensor] | None:
+    """Detached copies of the model's whole state dict, ZeRO-3 partitions gathered once (all ranks call it):
+    on every rank as they are, or with `rank0_fp32_cpu` in fp32 on the CPU of rank 0 only (None elsewhere),
+    as an export writes them."""
+    gather = (deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None) if zero_stage == 3
+              else contextlib.nullcontext())
+    with gather:
+        if not rank0_fp32_cpu:
+            return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()} if is_rank0() else None

@@ -21,7 +21,9 @@ import time
 
 import torch
 
+from utils.engine import full_state_dict
 from utils.generation import SamplingConfig, sample_tokens
+from utils.model import merge_lora_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ def hybrid_engine_supported(model: torch.nn.Module, want: bool) -> tuple[bool, s
         return False, "DeepSpeed's Hybrid Engine needs CUDA inference kernels"
     if hasattr(model, "peft_config"):
         return False, "the Hybrid Engine fuses only DeepSpeed-Chat's own LoRA layers, not peft adapters"
+    # CUDA only: DeepSpeed's inference policies
     from deepspeed.module_inject.replace_policy import replace_policies
 
     layers = set()
@@ -51,21 +54,9 @@ def hybrid_engine_supported(model: torch.nn.Module, want: bool) -> tuple[bool, s
     return True, "CUDA and a supported model"
 
 
-def full_state_dict(model: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
-    """The model's whole state dict on every rank (ZeRO-3 partitions gathered once), detached copies."""
-    if zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            return {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def merged_weights(model: torch.nn.Module, zero_stage: int, lora_scale: float | None) -> dict[str, torch.Tensor]:
     """The whole state dict of the plain model on every rank, LoRA adapters folded in when `lora_scale` is set
     (what the generation copy and the EMA of the actor hold)."""
-    from utils.model import merge_lora_state_dict
-
     state = full_state_dict(model, zero_stage)
     return merge_lora_state_dict(state, lora_scale) if lora_scale is not None else state
 

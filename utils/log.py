@@ -14,6 +14,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+from tqdm.auto import tqdm
+
 from utils.dist import is_rank0
 
 
@@ -50,6 +53,7 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(resume_step)
         if tensorboard:
+            # TensorBoard (~0.5 s) only with --enable_tensorboard
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step)
@@ -87,6 +91,11 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def peak_gpu_mib() -> float | None:
+    """The peak GPU memory torch allocated in this process so far, in MiB (None without CUDA)."""
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
+
+
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
     """The records of a run's metrics.jsonl, optionally only one kind."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -98,7 +107,5 @@ def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str,
 
 def progress(total: int, initial: int = 0, desc: str = "train"):
     """A tqdm bar on rank 0 (disabled elsewhere and when stderr is not a terminal and CI is set)."""
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, desc=desc, disable=not is_rank0(), dynamic_ncols=True,
                 mininterval=1.0)

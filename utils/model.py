@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from utils.errors import UserError, read_json_file
 from utils.tokenizer import load_tokenizer_dir
@@ -36,8 +38,6 @@ KINDS = {
 
 def preset_config(preset: str, vocab_size: int, max_position_embeddings: int = 2048, **overrides: Any):
     """A LlamaConfig for a named preset with the tokenizer's vocabulary size."""
-    from transformers import LlamaConfig
-
     if preset not in PRESETS:
         raise UserError(f"--preset={preset!r} is invalid: choose one of {', '.join(PRESETS)}")
     # no token ids: LlamaConfig's defaults (bos 1, eos 2) name other tokens of our vocabularies; the export
@@ -63,8 +63,6 @@ def check_model_dir(path: str | Path, expect: str) -> dict[str, Any]:
     config, a model from the wrong step (a reward model where a causal LM is expected, or the reverse), and
     missing, pickled-only, cut-off or damaged safetensors weights. Returns the parsed config.json.
     """
-    from transformers import CONFIG_MAPPING
-
     directory = Path(path)
     config_file = directory / "config.json"
     if not config_file.is_file():
@@ -91,8 +89,6 @@ def check_model_dir(path: str | Path, expect: str) -> dict[str, Any]:
 def check_weights(directory: Path) -> None:
     """Every safetensors file of a model dir is whole: its header parses and its size is what the header
     says (a copy cut short fails here, not as a traceback inside from_pretrained)."""
-    from safetensors import SafetensorError, safe_open
-
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         pickled = sorted(p.name for p in directory.glob("*.bin"))
@@ -109,8 +105,6 @@ def check_weights(directory: Path) -> None:
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
     """Load a causal LM saved by a previous step (weights from safetensors, no remote code)."""
-    from transformers import AutoModelForCausalLM
-
     check_model_dir(path, "causal_lm")
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False,
                                                 use_safetensors=True)
@@ -118,8 +112,6 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
 
 def create_causal_lm(preset: str, vocab_size: int, max_position_embeddings: int, seed: int):
     """A freshly initialised preset model (deterministic for a seed)."""
-    from transformers import LlamaForCausalLM
-
     torch.manual_seed(seed)
     return LlamaForCausalLM(preset_config(preset, vocab_size, max_position_embeddings))
 
@@ -154,7 +146,7 @@ def flops_per_token(n_params: int, num_layers: int, hidden_size: int, seq_len: i
 
 def apply_lora(model: torch.nn.Module, dim: int, alpha: float, dropout: float, target_modules: list[str]):
     """Wrap `model` with peft LoRA adapters on `target_modules`; only the adapters train."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # peft takes seconds to import: only with LoRA
 
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [m for m in target_modules if m not in present]

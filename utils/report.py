@@ -111,7 +111,7 @@ def _plot(path: Path, title: str, series: dict[str, tuple[list[float], list[floa
     series = {k: v for k, v in series.items() if v[0]}
     if not series:
         return None
-    import matplotlib
+    import matplotlib  # matplotlib only when there is a plot to draw
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -218,7 +218,84 @@ def find_runs(out: Path) -> list[tuple[str, Path]]:
     return sorted(runs, key=lambda r: order.index(r[0]))  # stable: runs of one step by name
 
 
-def _step_section(rep: Report, out: Path, step: str, run: Path, figs: Path) -> None:
+def _final_eval(run: Path | None) -> dict[str, Any]:
+    """The last evaluation row a training run logged ({} for none)."""
+    evals = read_metrics(run, "eval") if run is not None else []
+    return evals[-1] if evals else {}
+
+
+def _first_run(runs: list[tuple[str, Path]], step: str) -> Path | None:
+    return next((run for s, run in runs if s == step), None)
+
+
+TASK_NAMES = {"sentiment_acc": "sentiment", "segmentation_f1": "segmentation F1", "ner_f1": "NER F1"}
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, int | float) else "?"
+
+
+def _headline(step: str, run: Path, sft_run: Path | None) -> str:
+    """A run's headline figures in one line: what the README's results table gives for the step."""
+    final = _final_eval(run)
+    if step == "pretrain":
+        first = read_metrics(run, "eval")[:1] or [{}]
+        return f"held-out bits/char {_num(first[0].get('bits_per_char'), 2)} -> {_num(final.get('bits_per_char'), 2)}"
+    if step == "sft":
+        plain = ", ".join(f"{name} {_num(final[k])}" for k, name in TASK_NAMES.items() if k in final)
+        typed = ", ".join(_num(final[TYPED_PREFIX + k]) for k in TASK_NAMES if TYPED_PREFIX + k in final)
+        return f"{plain} (greedy, held-out)" + (f"; typed prompts: {typed}" if typed else "")
+    if step == "reward":
+        pre = "eval/" if "eval/accuracy" in final else ""
+        kinds = sorted(k[len(pre):-len("/accuracy")] for k in final
+                       if k.startswith(pre) and k.endswith("/accuracy") and k.count("/") == pre.count("/") + 1)
+        line = f"held-out pair accuracy {_num(final.get(pre + 'accuracy'))}"
+        if kinds:
+            line += " (" + ", ".join(f"{k} {_num(final[f'{pre}{k}/accuracy'])}" for k in kinds) + ")"
+        probes = (_read_json(run / "rw_eval.json").get("hackability") or {}).get("probes") or {}
+        wins = {k: p["original_wins"] for k, p in probes.items() if isinstance(p.get("original_wins"), int | float)}
+        if wins:
+            worst = min(wins, key=wins.get)
+            line += f"; beats its degraded copies in {_num(min(wins.values()), 2)} ({worst}) to {_num(max(wins.values()), 2)}"
+        return line
+    if step in ("ppo", "dpo"):
+        report = _read_json(run / "eval.json")
+        if not report:
+            return ""
+        base, pol = report["models"]["baseline"], report["models"]["policy"]
+
+        def moved(key: str, digits: int) -> str:
+            return f"{_num(base.get(key), digits)} -> {_num(pol.get(key), digits)}"
+
+        return (f"RM score {moved('reward_mean', 2)}, win-rate {_num(report.get('win_rate'), 2)} vs SFT, "
+                f"KL {_num(pol.get('kl_mean'), 1)} nats, positive replies {moved('positive_share', 2)}, "
+                f"length {moved('length_mean', 0)} chars, replies repeating a 4-gram {moved('repeat_4gram_share', 3)}")
+    if step == "grpo":
+        scores, sft = _read_json(run / "tasks.json"), _final_eval(sft_run)
+        return ", ".join(f"{name} {_num(sft.get(k))} -> {_num(scores[k])}" for k, name in TASK_NAMES.items()
+                         if k in scores) + " (greedy, held-out; SFT -> after RL)"
+    return ""
+
+
+def _results_table(rep: Report, runs: list[tuple[str, Path]]) -> None:
+    """The headline table: per run its wall time and headline figures, and the commit the runs were made at
+    (the README's results table is this table of one `make demo`)."""
+    if not runs:
+        return
+    sft_run, rows, total = _first_run(runs, "sft"), [], 0.0
+    for step, run in runs:
+        wall = _read_json(run / "summary.json").get("wall_seconds")
+        total += wall or 0.0
+        title = STEPS[step] if run.name in UNDECLARED else f"{STEPS[step]} ({run.name})"
+        rows.append([title, f"{wall / 60:.0f} min" if wall else "", _headline(step, run, sft_run)])
+    rows.append(["the steps above, summed", f"{total / 60:.0f} min", "evaluations between the steps not included"])
+    commits = sorted({_read_json(run / "summary.json").get("commit") or "unknown" for _, run in runs})
+    rep.add("h2", "Results")
+    rep.add("p", "Code of the runs: commit " + ", ".join(commits) + "; wall times from each run's summary.json.")
+    rep.add("table", (["step", "wall time", "result"], rows))
+
+
+def _step_section(rep: Report, runs: list[tuple[str, Path]], step: str, run: Path, figs: Path) -> None:
     name = run.name
     title = STEPS[step] if run.name in UNDECLARED else f"{STEPS[step]} ({run.name})"
     train, evals = read_metrics(run, "train"), read_metrics(run, "eval")
@@ -265,7 +342,7 @@ def _step_section(rep: Report, out: Path, step: str, run: Path, figs: Path) -> N
         plots.append(_plot(figs / f"{name}_accuracy.png", "DPO implicit reward accuracy",
                            {"train": _xy(train, "accuracy"), "held-out": _xy(evals, "accuracy")}))
     elif step == "grpo":
-        _task_table(rep, out, run)
+        _task_table(rep, _first_run(runs, "sft"), run)
         _eval_table(rep, run)
         for key, label in (("reward_mean", "reward (weighted sum)"), ("zero_variance_share", "groups with equal rewards"),
                            ("response_length", "reply length (tokens)"), ("entropy", "entropy (per token)")):
@@ -278,20 +355,18 @@ def _step_section(rep: Report, out: Path, step: str, run: Path, figs: Path) -> N
             rep.add("img", p)
 
 
-def _task_table(rep: Report, out: Path, run: Path) -> None:
+def _task_table(rep: Report, sft_run: Path | None, run: Path) -> None:
     """The held-out task scores of the RL export (tasks.json) beside the SFT model's final evaluation."""
     scores = _read_json(run / "tasks.json")
-    sft_runs = [r for step, r in find_runs(out) if step == "sft"]
-    sft = read_metrics(sft_runs[0], "eval") if sft_runs else []
-    sft = sft[-1] if sft else {}
+    sft = _final_eval(sft_run)
     keys = [k for p in ("", TYPED_PREFIX) for k in (p + s for s in TASK_SCORES) if k in scores]
     if keys:
         rep.add("table", (["held-out task (greedy; typed_: prompts as users type them)", "SFT", "after RL"],
                           [[k, sft.get(k, ""), scores[k]] for k in keys]))
 
 
-def _side_by_side(rep: Report, out: Path, n: int = 5) -> None:
-    policies = [(step, run) for step, run in find_runs(out) if step in ("ppo", "dpo", "grpo")]
+def _side_by_side(rep: Report, runs: list[tuple[str, Path]], n: int = 5) -> None:
+    policies = [(step, run) for step, run in runs if step in ("ppo", "dpo", "grpo")]
     evals = {step.upper() if run.name in UNDECLARED else run.name: _read_json(run / "eval.json")
              for step, run in policies}
     sources = {name: r["samples"] for name, r in evals.items() if r.get("samples")}
@@ -317,10 +392,12 @@ def build_report(out: str | Path) -> Report:
     if not root.is_dir():
         raise UserError(f"{out}: not a directory: give the chain's OUTPUT dir (e.g. outputs/demo)")
     rep, figs = Report(root), root / "report"
+    runs = find_runs(root)
+    _results_table(rep, runs)
     _data_section(rep, root)
-    for step, run in find_runs(root):
-        _step_section(rep, root, step, run, figs)
-    _side_by_side(rep, root)
+    for step, run in runs:
+        _step_section(rep, runs, step, run, figs)
+    _side_by_side(rep, runs)
     if not rep.blocks:
         raise UserError(f"{out}: holds no step outputs (data/, step1_pretrain/, ...): run the chain first")
     (root / "report.md").write_text(rep.markdown(), encoding="utf-8")

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForSequenceClassification
 
 from utils.chat import render_response
 from utils.errors import UserError
@@ -24,8 +25,6 @@ from utils.model import check_model_dir
 def create_reward_model(base_dir: str | Path, pad_token_id: int, seed: int):
     """A reward model from a causal-LM export (SFT or pretrained): its transformer plus a new scalar head
     initialised N(0, 1/(hidden+1)) (small, so first scores sit near 0)."""
-    from transformers import AutoModelForSequenceClassification
-
     check_model_dir(base_dir, "causal_lm")
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -38,8 +37,6 @@ def create_reward_model(base_dir: str | Path, pad_token_id: int, seed: int):
 
 def load_reward_model(path: str | Path):
     """A reward model exported by step2 (a UserError for any other kind of model dir)."""
-    from transformers import AutoModelForSequenceClassification
-
     config = check_model_dir(path, "reward")
     if config.get("num_labels", len(config.get("id2label", {}) or {0: 0})) != 1:
         raise UserError(f"{path}: a sequence classifier with more than one label is not a reward model")

@@ -136,10 +136,12 @@ def repetition_penalty(replies: Replies) -> list[float]:
 
 def reward_model_score(model_dir: str, tokenizer, micro_batch: int, zero_stage: int, precision) -> Callable:
     """The score a step 2 reward model gives prompt + reply (a frozen inference engine)."""
+    # rm: needs torch and a model; the registry stays torch-free, and utils.rl_trainer imports it
     import torch
 
+    from utils.engine import frozen_engine
     from utils.reward import load_reward_model, sequence_rewards
-    from utils.rl_trainer import check_same_tokenizer, frozen_engine
+    from utils.rl_trainer import check_same_tokenizer
 
     check_same_tokenizer(tokenizer, model_dir, "reward model", "--reward_funcs rm:DIR")
     engine = frozen_engine(load_reward_model(model_dir), micro_batch, zero_stage, False, precision)

@@ -33,12 +33,15 @@ from utils.chat import prompt_ids
 from utils.checkpoint import CheckpointManager
 from utils.data import MicroBatchPlan, check_lengths, sharded_eval_batches
 from utils.dist import Precision, all_reduce_max, all_reduce_sum, get_rank, get_world_size, is_rank0
+from utils.engine import init_engine
 from utils.errors import UserError
 from utils.generation import SamplingConfig, left_pad, stop_token_ids
-from utils.hybrid import GenerationSwitch
-from utils.log import MetricsLogger, peak_rss_mib, progress
+from utils.hybrid import GenerationSwitch, hybrid_engine_section, hybrid_engine_supported
+from utils.log import MetricsLogger, peak_gpu_mib, peak_rss_mib, progress
+from utils.model import count_parameters, load_causal_lm
 from utils.rewards import Replies, RewardFunction
 from utils.rl import entropy_from_logits, token_logprobs
+from utils.step import prepare_model
 from utils.tokenizer import load_tokenizer_dir
 from utils.trainer import LoopState, MicroBatchStream
 
@@ -121,27 +124,10 @@ def reply_logits(model, exp: Experience) -> torch.Tensor:
 # Engines and prompts
 
 
-def frozen_engine(model, micro_batch: int, zero_stage: int, offload: bool, precision: Precision):
-    """A model that only runs forward (reference, reward model) as a DeepSpeed inference engine."""
-    import deepspeed
-
-    from utils.ds_config import inference_ds_config
-
-    ds = inference_ds_config(micro_batch=micro_batch, world_size=get_world_size(), zero_stage=zero_stage,
-                             offload=offload, precision=precision)
-    engine, *_ = deepspeed.initialize(model=model.eval(), config=ds)
-    return engine
-
-
 def build_actor(cfg, tokenizer, precision: Precision, total_updates: int,
                 ) -> tuple[Any, GenerationSwitch, dict[str, int]]:
     """The actor as a trained engine (its ZeRO stage, LoRA, schedule: cfg.role("actor")), the generation
     switch on it (DeepSpeed's Hybrid Engine where it runs, else our own path) and its parameter counts."""
-    from utils.engine import init_engine
-    from utils.hybrid import hybrid_engine_section, hybrid_engine_supported
-    from utils.model import count_parameters, load_causal_lm
-    from utils.step import prepare_model
-
     role = cfg.role("actor")
     model = prepare_model(load_causal_lm(cfg.actor_model_name_or_path), role, tokenizer)
     limit = model.config.max_position_embeddings
@@ -504,5 +490,5 @@ class RLTrainer:
         return {"steps": self.state.step, "tokens": self.state.tokens, "skipped_micro_batches": self.state.skipped,
                 "wall_seconds": round(time.perf_counter() - wall_start, 3),
                 "generation_share": gen_total / step_total if step_total else math.nan, "peak_rss_mib": peak_rss_mib(),
-                "final_train": {k: v for k, v in record.items() if isinstance(v, float)},
+                "peak_gpu_mib": peak_gpu_mib(), "final_train": {k: v for k, v in record.items() if isinstance(v, float)},
                 "first_eval": first_eval, "final_eval": last_eval, **self.summary()}

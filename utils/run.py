@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ def finished_run(run_dir: Path, cfg: Any) -> dict[str, Any] | None:
         log.warning("%s: the inputs of the finished run have changed since (%s): starting afresh", run_dir,
                     ", ".join(f"--{k}" for k in changed))
     if getattr(cfg, "force", False) or changed:
+        # utils.dist imports torch; data_process uses this module without it
         from utils.dist import barrier, is_rank0
 
         if is_rank0():
@@ -110,16 +112,33 @@ def config_hash(cfg: Any, inputs: dict[str, str] | None = None) -> str:
 def write_done(run_dir: Path, cfg: Any, summary: dict[str, Any]) -> None:
     """Mark the step finished: summary.json holds the run's final figures, `done` the config hash and the
     summary (rank 0 writes both; `done` last, so a run marked done always has its summary)."""
-    from utils.dist import barrier, is_rank0
+    from utils.dist import barrier, is_rank0  # torch: see finished_run
 
     if not is_rank0():
         barrier()
         return
+    summary = {**summary, "commit": code_commit()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
     tmp = run_dir / (DONE + ".tmp")
     tmp.write_text(json.dumps(done_payload(cfg, summary), indent=1, ensure_ascii=False), encoding="utf-8")
     tmp.replace(run_dir / DONE)
     barrier()
+
+
+def code_commit() -> str | None:
+    """The git commit of the toolkit's checkout ("c1b07d1", with "+changes" when tracked files differ from
+    it), so a result can be traced to its code; None outside a git checkout or without git."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=30)
+        if head.returncode != 0:
+            return None
+        changes = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+changes" if changes.stdout.strip() else "")
 
 
 def done_payload(cfg: Any, summary: dict[str, Any]) -> dict[str, Any]:

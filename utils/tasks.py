@@ -150,7 +150,7 @@ def evaluate_tasks(model, tokenizer, sets: dict[str, list[dict[str, Any]]], batc
     margin, utils.generation.first_token_margins). Ranks split the prompts (equal batch counts, so ZeRO-3's
     collective weight gathers stay in step) and share their answers. `answers_out`, when given, receives
     each task's answers in prompt order (for sentiment, (answer, margin) pairs)."""
-    import torch
+    import torch  # torch only for scoring a model; data_process uses the task definitions without it
 
     from utils.chat import prompt_ids
     from utils.dist import get_rank, get_world_size

@@ -44,6 +44,7 @@ def load_tokenizer_dir(path: str | Path, flag: str):
     """The tokenizer saved in `path` (step0's tokenizer/ dir, a step export or any Hugging Face model dir),
     prepared by prepare_tokenizer; a UserError naming `flag` when the dir holds none, or naming the file when
     one of its JSON files does not parse (tokenizers would fail with a bare message that names no file)."""
+    # transformers only when a tokenizer is loaded: step0's checks run without it
     from transformers import AutoTokenizer
 
     if not path or not (Path(path) / "tokenizer_config.json").is_file():

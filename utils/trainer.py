@@ -29,7 +29,7 @@ from utils.checkpoint import CheckpointManager
 from utils.data import MicroBatchPlan
 from utils.dist import Precision, all_reduce_max, all_reduce_sum, get_rank, get_world_size
 from utils.errors import UserError
-from utils.log import MetricsLogger, peak_rss_mib, progress
+from utils.log import MetricsLogger, peak_gpu_mib, peak_rss_mib, progress
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +288,7 @@ class Trainer:
             "tok_per_s": trained_tokens / train_time if train_time > 0 else math.nan,
             "peak_flops": peak,
             "peak_rss_mib": peak_rss_mib(),
+            "peak_gpu_mib": peak_gpu_mib(),
             "final_train_loss": record.get("loss", math.nan),
             "final_eval": last_eval,
         }
