@@ -90,6 +90,7 @@ def bench_model(seed: int = 0, preset: str = "tiny", max_positions: int = 2048):
 class GenTokenizer:
     """The ids generation needs; the stop ids are outside the vocabulary, so every row runs the full length."""
     pad_token_id, eos_token_id, unk_token_id = 4, 10**6, 0
+    chat_template = None  # no end-of-turn token: only the eos id stops a reply
 
     def convert_tokens_to_ids(self, _token: str) -> int:
         return 10**6 + 1
