@@ -29,7 +29,7 @@ from utils.hybrid import GenerationSwitch
 from utils.lm import CausalLMTask
 from utils.log import peak_gpu_mib, setup_logging
 from utils.model import count_parameters, create_causal_lm
-from utils.report import STEPS, find_runs
+from utils.report import STEPS, find_runs, read_json, tokens_per_second
 
 VOCAB = 32_000  # the base preset's 0.1B scale (utils/model.py)
 PROMPT, NEW = 32, 128  # generation: prompt and reply length
@@ -87,16 +87,15 @@ def table(out: Path) -> tuple[str, bool]:
     rows, all_ok = [], True
     for step, title in STEPS.items():
         run = runs.get(step)
-        summary = json.loads((run / "summary.json").read_text()) if run and (run / "summary.json").is_file() else {}
-        config = json.loads((run / "config.json").read_text()) if run and (run / "config.json").is_file() else {}
+        summary = read_json(run / "summary.json") if run else {}
+        config = read_json(run / "config.json") if run else {}
         ok = bool(run and (run / "done").is_file())
         all_ok &= ok
-        rate = summary.get("tok_per_s") or (summary.get("tokens", 0) / summary["wall_seconds"]
-                                            if summary.get("wall_seconds") else None)
+        rate = tokens_per_second(summary)
         detail = ", ".join(f"{k} {config[k]}" for k in ("precision", "generation_path") if config.get(k))
         rows.append([title, "ok" if ok else ("failed" if run else "not run"), _rate(rate),
                      _mib(summary.get("peak_gpu_mib")), detail])
-    base = json.loads((out / "base.json").read_text()) if (out / "base.json").is_file() else {}
+    base = read_json(out / "base.json")
     ok = "train_tok_per_s" in base
     all_ok &= ok
     rows.append([f"{base.get('preset', 'base')} preset: training steps", "ok" if ok else "failed",

@@ -39,7 +39,8 @@ STEPS = {  # the step a run dir's config.json declares ("step") -> title, in the
 # run dirs written before config.json declared its step: the chain scripts' dir names
 UNDECLARED = {"step1_pretrain": "pretrain", "step1_sft": "sft", "step2_reward": "reward", "step3_ppo": "ppo",
               "step3_dpo": "dpo", "step3_grpo": "grpo"}
-TASK_SCORES = ("sentiment_acc", "segmentation_f1", "ner_f1")
+TASK_NAMES = {"sentiment_acc": "sentiment", "segmentation_f1": "segmentation F1", "ner_f1": "NER F1"}
+TASK_SCORES = tuple(TASK_NAMES)
 
 
 @dataclass
@@ -101,7 +102,8 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file of a run ({} when it is missing)."""
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
@@ -137,14 +139,25 @@ def _xy(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def tokens_per_second(summary: dict[str, Any]) -> float | None:
+    """A run's training tokens/s from its summary.json (the RL loops record tokens and wall time only)."""
+    wall = summary.get("wall_seconds")
+    return summary.get("tok_per_s") or (summary.get("tokens", 0) / wall if wall else None)
+
+
+def run_title(step: str, run: Path) -> str:
+    """The step's title, with the run dir's name when the user chose it (not one of the chain's)."""
+    return STEPS[step] if run.name in UNDECLARED else f"{STEPS[step]} ({run.name})"
+
+
 def _run_facts(run: Path) -> list[list[Any]]:
     """Parameters, steps, tokens, wall time and tokens/s of a training step's run."""
-    cfg, summary = _read_json(run / "config.json"), _read_json(run / "summary.json")
+    cfg, summary = read_json(run / "config.json"), read_json(run / "summary.json")
     params = cfg.get("parameters")
     if isinstance(params, dict):
         params = params.get("actor")
     wall = summary.get("wall_seconds")
-    tok_s = summary.get("tok_per_s") or (summary.get("tokens", 0) / wall if wall else None)
+    tok_s = tokens_per_second(summary)
     facts = [["parameters", params], ["precision", cfg.get("precision")], ["processes", cfg.get("world_size")],
              ["RL steps" if "optimizer_steps_per_ppo_step" in cfg or "optimizer_steps_per_rl_step" in cfg
               else "optimizer steps", summary.get("steps")],
@@ -156,8 +169,8 @@ def _run_facts(run: Path) -> list[list[Any]]:
 
 
 def _data_section(rep: Report, out: Path) -> None:
-    stats = _read_json(out / "data" / "stats.json")
-    meta = _read_json(out / "step0" / "tokens" / "meta.json")
+    stats = read_json(out / "data" / "stats.json")
+    meta = read_json(out / "step0" / "tokens" / "meta.json")
     if not stats and not meta:
         return
     rep.add("h2", "Data and tokenizer")
@@ -174,7 +187,7 @@ def _data_section(rep: Report, out: Path) -> None:
 
 
 def _eval_table(rep: Report, run: Path) -> dict[str, Any]:
-    report = _read_json(run / "eval.json")
+    report = read_json(run / "eval.json")
     if not report:
         return {}
     keys = ("reward_mean", "positive_share", "kl_mean", "length_mean", "distinct_2", "repeat_4gram_share")
@@ -211,7 +224,7 @@ def find_runs(out: Path) -> list[tuple[str, Path]]:
     which step it is in its config.json, so a run the user wrote under any name is found."""
     runs = []
     for run in sorted(p for p in out.iterdir() if p.is_dir()):
-        step = _read_json(run / "config.json").get("step") or UNDECLARED.get(run.name)
+        step = read_json(run / "config.json").get("step") or UNDECLARED.get(run.name)
         if step in STEPS:
             runs.append((step, run))
     order = list(STEPS)
@@ -226,9 +239,6 @@ def _final_eval(run: Path | None) -> dict[str, Any]:
 
 def _first_run(runs: list[tuple[str, Path]], step: str) -> Path | None:
     return next((run for s, run in runs if s == step), None)
-
-
-TASK_NAMES = {"sentiment_acc": "sentiment", "segmentation_f1": "segmentation F1", "ner_f1": "NER F1"}
 
 
 def _num(value: Any, digits: int = 3) -> str:
@@ -252,14 +262,14 @@ def _headline(step: str, run: Path, sft_run: Path | None) -> str:
         line = f"held-out pair accuracy {_num(final.get(pre + 'accuracy'))}"
         if kinds:
             line += " (" + ", ".join(f"{k} {_num(final[f'{pre}{k}/accuracy'])}" for k in kinds) + ")"
-        probes = (_read_json(run / "rw_eval.json").get("hackability") or {}).get("probes") or {}
+        probes = (read_json(run / "rw_eval.json").get("hackability") or {}).get("probes") or {}
         wins = {k: p["original_wins"] for k, p in probes.items() if isinstance(p.get("original_wins"), int | float)}
         if wins:
             worst = min(wins, key=wins.get)
             line += f"; beats its degraded copies in {_num(min(wins.values()), 2)} ({worst}) to {_num(max(wins.values()), 2)}"
         return line
     if step in ("ppo", "dpo"):
-        report = _read_json(run / "eval.json")
+        report = read_json(run / "eval.json")
         if not report:
             return ""
         base, pol = report["models"]["baseline"], report["models"]["policy"]
@@ -271,7 +281,7 @@ def _headline(step: str, run: Path, sft_run: Path | None) -> str:
                 f"KL {_num(pol.get('kl_mean'), 1)} nats, positive replies {moved('positive_share', 2)}, "
                 f"length {moved('length_mean', 0)} chars, replies repeating a 4-gram {moved('repeat_4gram_share', 3)}")
     if step == "grpo":
-        scores, sft = _read_json(run / "tasks.json"), _final_eval(sft_run)
+        scores, sft = read_json(run / "tasks.json"), _final_eval(sft_run)
         return ", ".join(f"{name} {_num(sft.get(k))} -> {_num(scores[k])}" for k, name in TASK_NAMES.items()
                          if k in scores) + " (greedy, held-out; SFT -> after RL)"
     return ""
@@ -284,12 +294,11 @@ def _results_table(rep: Report, runs: list[tuple[str, Path]]) -> None:
         return
     sft_run, rows, total = _first_run(runs, "sft"), [], 0.0
     for step, run in runs:
-        wall = _read_json(run / "summary.json").get("wall_seconds")
+        wall = read_json(run / "summary.json").get("wall_seconds")
         total += wall or 0.0
-        title = STEPS[step] if run.name in UNDECLARED else f"{STEPS[step]} ({run.name})"
-        rows.append([title, f"{wall / 60:.0f} min" if wall else "", _headline(step, run, sft_run)])
+        rows.append([run_title(step, run), f"{wall / 60:.0f} min" if wall else "", _headline(step, run, sft_run)])
     rows.append(["the steps above, summed", f"{total / 60:.0f} min", "evaluations between the steps not included"])
-    commits = sorted({_read_json(run / "summary.json").get("commit") or "unknown" for _, run in runs})
+    commits = sorted({read_json(run / "summary.json").get("commit") or "unknown" for _, run in runs})
     rep.add("h2", "Results")
     rep.add("p", "Code of the runs: commit " + ", ".join(commits) + "; wall times from each run's summary.json.")
     rep.add("table", (["step", "wall time", "result"], rows))
@@ -297,7 +306,7 @@ def _results_table(rep: Report, runs: list[tuple[str, Path]]) -> None:
 
 def _step_section(rep: Report, runs: list[tuple[str, Path]], step: str, run: Path, figs: Path) -> None:
     name = run.name
-    title = STEPS[step] if run.name in UNDECLARED else f"{STEPS[step]} ({run.name})"
+    title = run_title(step, run)
     train, evals = read_metrics(run, "train"), read_metrics(run, "eval")
     if not train and not evals:
         return
@@ -321,7 +330,7 @@ def _step_section(rep: Report, runs: list[tuple[str, Path]], step: str, run: Pat
     elif step == "reward":
         keys = [k for k in final if k.endswith("accuracy")]
         rep.add("table", (["held-out accuracy", "final"], [[k, final[k]] for k in sorted(keys)]))
-        hack = _read_json(run / "rw_eval.json").get("hackability")
+        hack = read_json(run / "rw_eval.json").get("hackability")
         if hack:
             _hackability_table(rep, {"held-out chosen replies": hack}, "Hackability (rw_eval.py): share of held-out "
                                                                       "chosen replies scored above a degraded copy")
@@ -357,7 +366,7 @@ def _step_section(rep: Report, runs: list[tuple[str, Path]], step: str, run: Pat
 
 def _task_table(rep: Report, sft_run: Path | None, run: Path) -> None:
     """The held-out task scores of the RL export (tasks.json) beside the SFT model's final evaluation."""
-    scores = _read_json(run / "tasks.json")
+    scores = read_json(run / "tasks.json")
     sft = _final_eval(sft_run)
     keys = [k for p in ("", TYPED_PREFIX) for k in (p + s for s in TASK_SCORES) if k in scores]
     if keys:
@@ -367,7 +376,7 @@ def _task_table(rep: Report, sft_run: Path | None, run: Path) -> None:
 
 def _side_by_side(rep: Report, runs: list[tuple[str, Path]], n: int = 5) -> None:
     policies = [(step, run) for step, run in runs if step in ("ppo", "dpo", "grpo")]
-    evals = {step.upper() if run.name in UNDECLARED else run.name: _read_json(run / "eval.json")
+    evals = {step.upper() if run.name in UNDECLARED else run.name: read_json(run / "eval.json")
              for step, run in policies}
     sources = {name: r["samples"] for name, r in evals.items() if r.get("samples")}
     if not sources:
