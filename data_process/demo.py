@@ -10,7 +10,8 @@ splits.
 Allocation (counts at --demo_scale 1; every count is scaled):
   eval        P1 50 pairs/category, T1 150+150, T4 50/category, T5 100+100, T6 100+100, PPO 50 of each
               T5/T6 polarity; 300 paragraphs -> T2, T3 and their P2 pairs
-  preference  P1 600 length-matched pairs/category (+ T1 flips of 300 of them); 2000 paragraphs -> P2
+  preference  P1 600 pairs/category, lengths spread by --pair_length_spread (+ T1 flips of 300 of them);
+              2000 paragraphs -> P2
   sft         T1 1000+1000, T4 500/category, T5 750+750, T6 500+500, plus T1 on the T4-T6 reviews
               themselves (length-matched couples, same split); 4000 paragraphs -> T2 6000 (up to 2
               sentences per paragraph), T3 3000
@@ -166,9 +167,11 @@ class DemoBuilder:
     """Allocates the cleaned units and writes every dataset and eval file."""
 
     def __init__(self, root: Path, seed: int, scale: float, validation_ratio: float, pretrain_validation_ratio: float,
-                 pretrain_task_text: bool, typed_prompt_share: float, degraded_pairs: float):
+                 pretrain_task_text: bool, typed_prompt_share: float, degraded_pairs: float,
+                 pair_length_spread: float):
         self.seed, self.scale = seed, scale
         self.typed_prompt_share, self.degraded_pairs = typed_prompt_share, degraded_pairs
+        self.pair_length_spread = pair_length_spread
         self.pretrain_task_text = pretrain_task_text
         self.task_train_texts: set[str] = set()
         self.validation_ratio = validation_ratio
@@ -266,34 +269,45 @@ class DemoBuilder:
             self.sentiment_couples(mine_pos, mine_neg, len(mine_pos.units), dest)
 
     @staticmethod
-    def match_lengths(picked: list[Review], source: Pool, pool: Pool, pred=lambda u: True) -> list[tuple[Review, Review]]:
+    def match_lengths(picked: list[Review], source: Pool, pool: Pool, pred=lambda u: True,
+                      ratio=lambda p: 1.0) -> list[tuple[Review, Review]]:
         """Each review of `picked` (taken from `source`, in order) with the review of `pool` (those
-        satisfying `pred`) closest in length within a ratio of [0.75, 1.33], removed from the pool. Picked
-        reviews without a match go back to `source`, unused candidates back to `pool`."""
+        satisfying `pred`) closest to `ratio(p)` times its length, within [0.75, 1.33] of that target
+        (else within that ratio of its own length), removed from the pool. Picked reviews without a match
+        go back to `source`, unused candidates back to `pool`."""
         candidates = sorted(pool.take(len(pool.units), pred), key=lambda u: len(u.text))
         lengths = [len(u.text) for u in candidates]
         matched = []
         for p in picked:
-            lo = bisect.bisect_left(lengths, len(p.text) * 0.75)
-            hi = bisect.bisect_right(lengths, len(p.text) * 1.33)
-            if lo >= hi:
-                continue
-            j = min(range(lo, hi), key=lambda k: abs(lengths[k] - len(p.text)))
-            matched.append((p, candidates.pop(j)))
-            lengths.pop(j)
+            for target in dict.fromkeys((len(p.text) * ratio(p), len(p.text))):
+                lo = bisect.bisect_left(lengths, target * 0.75)
+                hi = bisect.bisect_right(lengths, target * 1.33)
+                if lo < hi:
+                    j = min(range(lo, hi), key=lambda k: abs(lengths[k] - target))
+                    matched.append((p, candidates.pop(j)))
+                    lengths.pop(j)
+                    break
         pool.units = sorted(pool.units + candidates, key=lambda u: u.rank)
         used = {id(p) for p, _ in matched}
         source.units = sorted(source.units + [p for p in picked if id(p) not in used], key=lambda u: u.rank)
         return matched
 
+    def length_ratio(self, review: Review) -> float:
+        """The rejected review's target length over the chosen's, for a training pair: log-uniform in
+        [1/S, S] with S = --pair_length_spread (1: the same length)."""
+        return self.pair_length_spread ** self.rng("length_ratio" + review.text).uniform(-1.0, 1.0)
+
     def review_pairs(self, pos: Pool, neg: Pool, per_category: int, t1_flips: int, to_eval: bool) -> None:
         """P1: a category-only review prompt, chosen = positive, rejected = a negative review of the same
-        category with length ratio in [0.75, 1.33] (else the RM learns "longer is better"); plus P2 pairs
-        that flip the T1 label of the first reviews used. Unmatched reviews go back to their pools."""
+        category, its length matched to the chosen's (eval: a ratio in [0.75, 1.33]; train: a ratio drawn
+        by `length_ratio`, either reply the longer as often, so the length of a reply says nothing about
+        which one is chosen); plus P2 pairs that flip the T1 label of the first reviews used. Unmatched
+        reviews go back to their pools."""
         flips = 0
         for cat in CATEGORIES:
             chosen = pos.take(self.n(per_category), lambda u, c=cat: u.cat == c)
-            for p, r in self.match_lengths(chosen, pos, neg, lambda u, c=cat: u.cat == c):
+            ratio = (lambda p: 1.0) if to_eval else self.length_ratio
+            for p, r in self.match_lengths(chosen, pos, neg, lambda u, c=cat: u.cat == c, ratio):
                 units = (p.text, r.text)
                 prompt = review_prompt(T4 + T5, CATEGORY_TOPIC[cat], self.rng(p.text + r.text))
                 self.pair(prompt, p.text, r.text, "review_sentiment", units, to_eval)
@@ -428,7 +442,7 @@ def reserved_paragraph_words(reserved: Reserved) -> list[list[tuple[str, str]]]:
 
 def build_demo(cleaner: Cleaner, reserved: Reserved, root: Path, seed: int, scale: float,
                validation_ratio: float, pretrain_validation_ratio: float, pretrain_task_text: bool,
-               typed_prompt_share: float, degraded_pairs: float) -> dict[str, Any]:
+               typed_prompt_share: float, degraded_pairs: float, pair_length_spread: float) -> dict[str, Any]:
     """Clean the demo sources, allocate units and write everything under `root`; return the stats."""
     skipped: Counter[str] = Counter()
     cleaner.count_lines(demo_docs(reserved, scale, seed, Counter()))
@@ -449,4 +463,4 @@ def build_demo(cleaner: Cleaner, reserved: Reserved, root: Path, seed: int, scal
     log.info("demo units: %d reviews (%s), %d paragraphs", len(reviews),
              dict(Counter((r.label, r.cat) for r in reviews)), len(paragraphs))
     return DemoBuilder(root, seed, scale, validation_ratio, pretrain_validation_ratio, pretrain_task_text,
-                       typed_prompt_share, degraded_pairs).build(reviews, paragraphs, cleaning)
+                       typed_prompt_share, degraded_pairs, pair_length_spread).build(reviews, paragraphs, cleaning)

@@ -76,6 +76,10 @@ class DataConfig:
                                         "as keywords, halved, with praise appended or a clause said three times, "
                                         "longer and shorter copies in turn; utils.probes), so the reward model "
                                         "learns not to pay for them.")
+    pair_length_spread: float = option(2.0, "Demo: the training review pairs' length ratio (rejected over chosen) "
+                                            "is drawn log-uniformly from [1/S, S], either reply the longer as "
+                                            "often, so the reward model learns that length does not decide "
+                                            "(1: matched lengths, as the eval pairs keep).")
     min_chars: int = option(5, "Drop documents shorter than this (characters, after cleaning).")
     max_chars: int = option(20_000, "Drop documents longer than this (characters).")
     boilerplate_max_repeats: int = option(5, "A line seen more than this many times in the input is "
@@ -109,6 +113,7 @@ class DataConfig:
             value = getattr(self, name)
             require(0 <= value < 1, name, value, "must be in [0, 1)")
         require(0 <= self.typed_prompt_share <= 1, "typed_prompt_share", self.typed_prompt_share, "must be in [0, 1]")
+        require(self.pair_length_spread >= 1, "pair_length_spread", self.pair_length_spread, "must be >= 1")
         require(0 <= self.degraded_pairs <= len(TRAINED), "degraded_pairs", self.degraded_pairs,
                 f"must be in [0, {len(TRAINED)}] (one copy per trained kind at most)")
         require(self.min_chars >= 1, "min_chars", self.min_chars, "must be >= 1")
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
             cleaner = Cleaner(opts, work)
             stats = build_demo(cleaner, reserved, tmp, cfg.seed, cfg.demo_scale, cfg.validation_ratio,
                                cfg.pretrain_validation_ratio, cfg.pretrain_task_text, cfg.typed_prompt_share,
-                               cfg.degraded_pairs)
+                               cfg.degraded_pairs, cfg.pair_length_spread)
             cleaner.close()
         shutil.rmtree(work)
         save_config(cfg, tmp / "config.json")

@@ -457,8 +457,21 @@ def test_demo_answers_follow_the_task_formats(demo):
             assert answer.startswith("人名：") and "；地名：" in answer and "；机构名：" in answer
     for row in load(demo, "preference")["train"]:
         assert row["chosen"] != row["rejected"]
-        if row["kind"] == "review_sentiment":
-            assert 0.75 <= len(row["rejected"]) / len(row["chosen"]) <= 1.33
+
+
+def test_demo_review_pairs_say_nothing_by_length(demo):
+    """Training review pairs take the rejected review's length ratio from [1/2, 2] (--pair_length_spread 2):
+    either reply is the longer about as often and often by far, so a reward model cannot pay for length
+    either way; the held-out pairs keep matched lengths (ratio within [0.75, 1.33])."""
+    rows = [r for r in load(demo, "preference")["train"] if r["kind"] == "review_sentiment"]
+    ratios = [len(r["rejected"]) / len(r["chosen"]) for r in rows]
+    assert len(rows) > 1000 and all(0.5 * 0.75 <= x <= 2 * 1.33 for x in ratios)
+    assert 0.4 < sum(x > 1 for x in ratios) / len(ratios) < 0.6
+    assert 0.4 < sum(x < 1 for x in ratios) / len(ratios) < 0.6
+    assert sum(not 1 / 1.5 <= x <= 1.5 for x in ratios) > 0.3 * len(ratios)
+    held_out = [json.loads(line)["reference"] for line in (demo / "eval" / "preference.jsonl").read_text().splitlines()
+                if json.loads(line)["kind"] == "review_sentiment"]
+    assert len(held_out) > 100 and all(0.75 <= len(r["rejected"]) / len(r["chosen"]) <= 1.33 for r in held_out)
 
 
 def test_demo_sentiment_labels_do_not_follow_length(demo):
