@@ -233,19 +233,21 @@ class DemoBuilder:
             self.sft(task, prompt, answer, unit)
 
     # -- reviews ----------------------------------------------------------------------------------------
-    def sentiment_couples(self, pos: Pool, neg: Pool, count: int, dest: Dest) -> None:
+    def sentiment_couples(self, pos: Pool, neg: Pool, count: int, dest: Dest) -> list[tuple[Review, Review]]:
         """T1 items of the first `count` reviews of `pos`, each with its length-matched negative review:
         negative reviews are shorter, and the pairs take the long ones, so unmatched draws would let a
-        model read the label off the length."""
-        for couple in self.match_lengths(pos.take(count), pos, neg):
+        model read the label off the length. Returns the couples."""
+        couples = self.match_lengths(pos.take(count), pos, neg)
+        for couple in couples:
             for r in couple:
                 self.task("t1_sentiment", T1.format(review=r.text), LABELS[r.label], r.text, dest)
+        return couples
 
     def review_tasks(self, pos: Pool, neg: Pool, dest: Dest, counts: dict[str, int],
-                     classify_written: bool = False) -> None:
+                     classify_written: bool = False) -> list[Review]:
         """T1, T4, T5 and T6 examples (SFT or eval) drawn from the pools; with `classify_written` also T1
-        examples of the reviews T4-T6 used."""
-        self.sentiment_couples(pos, neg, self.n(counts["t1"]), dest)
+        examples of the reviews T4-T6 used. Returns every review used."""
+        couples = self.sentiment_couples(pos, neg, self.n(counts["t1"]), dest)
         written: list[Review] = []
         for cat in CATEGORIES:
             for r in pos.take(self.n(counts["t4"]), lambda u, c=cat: u.cat == c):
@@ -267,6 +269,23 @@ class DemoBuilder:
             mine_pos = Pool([r for r in written if r.label == "pos"])
             mine_neg = Pool([r for r in written if r.label == "neg"])
             self.sentiment_couples(mine_pos, mine_neg, len(mine_pos.units), dest)
+        return [r for couple in couples for r in couple] + written
+
+    def unmatched_pairs(self, reviews: list[Review], per_review: int = 1) -> None:
+        """eval/preference_unmatched.jsonl: each held-out positive review of a category (the T1, T4, T5 and T6
+        eval items') paired with `per_review` held-out negative reviews of that category drawn at random,
+        whatever their lengths (a category review prompt, kind review_unmatched). Real pairs are not
+        length-matched: rw_eval.py's accuracy by which reply is the longer shows whether a reward model
+        pays for length. No new units: every review is an eval item's already."""
+        negatives = {cat: [r for r in reviews if r.label == "neg" and r.cat == cat] for cat in CATEGORIES}
+        for p in reviews:
+            if p.label != "pos" or p.cat is None:
+                continue
+            rng = self.rng("unmatched" + p.text)
+            for r in rng.sample(negatives[p.cat], min(per_review, len(negatives[p.cat]))):
+                self.eval.add("preference_unmatched", {
+                    "task": "preference", "prompt": review_prompt(T5, CATEGORY_TOPIC[p.cat], rng),
+                    "reference": {"chosen": p.text, "rejected": r.text}, "kind": "review_unmatched"})
 
     @staticmethod
     def match_lengths(picked: list[Review], source: Pool, pool: Pool, pred=lambda u: True,
@@ -390,7 +409,7 @@ class DemoBuilder:
         sft_counts = {"t1": 1000, "t4": 500, "t5": 750, "t6": 500}
         # category-matched negatives are scarce (book: ~1.1k), so the pairs draw right after eval
         self.review_pairs(pos, neg, 50, 0, True)
-        self.review_tasks(pos, neg, "eval", eval_counts)
+        self.unmatched_pairs(self.review_tasks(pos, neg, "eval", eval_counts))
         self.ppo_prompts(pos, neg, 50, True)
         self.review_pairs(pos, neg, 600, 300, False)
         self.review_tasks(pos, neg, "sft", sft_counts, classify_written=True)

@@ -4,7 +4,10 @@
         accuracy (r_chosen > r_rejected), mean scores, mean margin and loss, per kind, the hardest pairs,
         and the hackability table: how often the model prefers each chosen reply over degraded copies of it
         (repeated, shuffled, a keyword list, its first half, generic praise appended, a loop of its first
-        clause; utils.probes), with a verdict per probe, and the correlation of score with length
+        clause; utils.probes), with a verdict per probe, and the correlation of score with length; and the
+        accuracy over pairs whose chosen reply is the longer / of similar length / the shorter, with a verdict
+        on whether the model pays for length (meaningful on pairs not matched by length, such as
+        OUT/data/eval/preference_unmatched.jsonl)
     python step2_reward_model/rw_eval.py --model OUT/step2_reward/final --prompts rows.jsonl
         scores rows {"prompt", "response"} and prints them from best to worst
 Add --out FILE.json to also write the figures (and per-row scores) as JSON.
@@ -54,6 +57,35 @@ class EvalConfig:
 
 
 NOT_PROBED = ("corrupted_answer", "degraded_copy")  # answers to checkable tasks, and the copies themselves
+LENGTH_RATIO = 1.25  # a pair's chosen reply counts as the longer (shorter) one beyond this length ratio
+LENGTH_MIN_PAIRS = 20  # pairs needed on each side before the length split gives a verdict
+LENGTH_GAP = 0.10  # accuracy gap between the two sides above which the verdict says the model pays for length
+
+
+def length_split(pairs: list, chosen: list[float], rejected: list[float]) -> dict:
+    """Accuracy over the pairs (other than degraded copies, whose lengths are set by construction) whose
+    chosen reply is the longer by LENGTH_RATIO or more, of similar length, or the shorter: a reward model
+    that pays for length, or for shortness, wins one side and loses the other. Matched-length pairs all
+    fall in the middle; data_process writes eval/preference_unmatched.jsonl to measure it."""
+    sides: dict[str, list[bool]] = {"chosen_longer": [], "similar": [], "chosen_shorter": []}
+    for p, c, r in zip(pairs, chosen, rejected, strict=True):
+        if p.kind == "degraded_copy":
+            continue
+        ratio = len(p.chosen) / max(len(p.rejected), 1)
+        side = "chosen_longer" if ratio >= LENGTH_RATIO else "chosen_shorter" if ratio <= 1 / LENGTH_RATIO else "similar"
+        sides[side].append(c > r)
+    split: dict = {k: {"pairs": len(v), "accuracy": sum(v) / len(v) if v else None} for k, v in sides.items()}
+    longer, shorter = split["chosen_longer"], split["chosen_shorter"]
+    if min(longer["pairs"], shorter["pairs"]) < LENGTH_MIN_PAIRS:
+        split["verdict"] = f"too few pairs differ in length (need {LENGTH_MIN_PAIRS} with either reply the longer)"
+        return split
+    gap = shorter["accuracy"] - longer["accuracy"]
+    split["gap"] = gap
+    figures = (f"right in {shorter['accuracy']:.0%} of pairs whose chosen reply is the shorter, "
+               f"{longer['accuracy']:.0%} where it is the longer")
+    split["verdict"] = (f"PAYS FOR SHORTNESS: {figures}" if gap > LENGTH_GAP else
+                        f"PAYS FOR LENGTH: {figures}" if gap < -LENGTH_GAP else f"length-neutral: {figures}")
+    return split
 
 
 def pair_report(cfg: EvalConfig, model, tokenizer) -> dict:
@@ -77,6 +109,7 @@ def pair_report(cfg: EvalConfig, model, tokenizer) -> dict:
     report["hardest"] = [{"prompt": pairs[i].prompt, "chosen": pairs[i].chosen, "rejected": pairs[i].rejected,
                           "kind": pairs[i].kind, "margin": chosen[i] - rejected[i]} for i in hardest]
     report["scores"] = [{"chosen": c, "rejected": r} for c, r in zip(chosen, rejected, strict=True)]
+    report["by_length"] = length_split(pairs, chosen, rejected)
     if cfg.probes:
         probed = [p for p in pairs if p.kind not in NOT_PROBED]
         if probed:
@@ -86,6 +119,11 @@ def pair_report(cfg: EvalConfig, model, tokenizer) -> dict:
     for kind, m in report["by_kind"].items():
         print(f"{kind:<20}{m['pairs']:>7}{m['accuracy']:>10.4f}{m['reward_chosen']:>9.3f}"
               f"{m['reward_rejected']:>10.3f}{m['margin']:>9.3f}{m['loss']:>8.4f}")
+    by_length = report["by_length"]
+    print(f"\nby length (chosen longer / similar / shorter, ratio {LENGTH_RATIO}): "
+          + " / ".join(f"{m['accuracy']:.3f} ({m['pairs']})" if m["pairs"] else "- (0)"
+                       for m in (by_length[k] for k in ("chosen_longer", "similar", "chosen_shorter")))
+          + f"; {by_length['verdict']}")
     print(f"\nhardest {len(hardest)} pairs (smallest margin first):")
     for h in report["hardest"]:
         print(f"  margin {h['margin']:+.3f} [{h['kind']}] {h['prompt'][:40]!r}\n"

@@ -18,6 +18,7 @@ from data_process.clean import Cleaner, CleanOptions, Doc, KeyTable
 from data_process.main import DEFAULT_RESERVED, DataConfig, main
 from data_process.output import FEATURES
 from data_process.readers import guess_encoding
+from data_process.tasks import CATEGORY_TOPIC, T5, category
 from data_process.text import normalize, reserved_hash, squash, to_simplified
 from data_process.user import pick_phase
 from utils.text import fold_characters, text_normalizer
@@ -472,6 +473,30 @@ def test_demo_review_pairs_say_nothing_by_length(demo):
     held_out = [json.loads(line)["reference"] for line in (demo / "eval" / "preference.jsonl").read_text().splitlines()
                 if json.loads(line)["kind"] == "review_sentiment"]
     assert len(held_out) > 100 and all(0.75 <= len(r["rejected"]) / len(r["chosen"]) <= 1.33 for r in held_out)
+
+
+def test_demo_unmatched_pairs_reuse_the_held_out_reviews(demo):
+    """eval/preference_unmatched.jsonl pairs each held-out positive review (T1, T4, T5, T6 eval items) with a
+    held-out negative of its category, whatever their lengths: either reply the longer in many pairs, and
+    no text that the eval files do not already hold (so no split gives anything up)."""
+    def evals(task: str) -> list[dict]:
+        return [json.loads(line) for line in (demo / "eval" / f"{task}.jsonl").read_text().splitlines()]
+
+    t1 = {task_text(r["prompt"]): r["reference"] for r in evals("t1_sentiment")}
+    t4 = {r["reference"] for r in evals("t4_positive_review")}
+    held_out = set(t1) | t4 | {r["reference"] for r in evals("t5_review")} | {
+        r["prompt"].split("：", 1)[1] + r["reference"] for r in evals("t6_continue")}
+    rows = evals("preference_unmatched")
+    assert len(rows) > 300 and {r["kind"] for r in rows} == {"review_unmatched"}
+    for r in rows:
+        chosen, rejected = r["reference"]["chosen"], r["reference"]["rejected"]
+        assert chosen in held_out and rejected in held_out and t1.get(chosen) != "负面" and t1.get(rejected) != "正面"
+        assert rejected not in t4
+        cat = category(chosen)
+        assert category(rejected) == cat and r["prompt"] in {t.format(x=CATEGORY_TOPIC[cat]) for t in T5}
+    assert len({r["reference"]["chosen"] for r in rows}) == len(rows)  # one negative per positive review
+    ratios = [len(r["reference"]["chosen"]) / len(r["reference"]["rejected"]) for r in rows]
+    assert sum(x >= 1.25 for x in ratios) > 100 and sum(x <= 0.8 for x in ratios) > 100
 
 
 def test_demo_sentiment_labels_do_not_follow_length(demo):

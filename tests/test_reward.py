@@ -13,10 +13,12 @@ import torch
 from helpers import PAIRS, REPO, clean_env
 
 from step2_reward_model.main import main as step2_main
+from step2_reward_model.rw_eval import length_split
 from step2_reward_model.rw_eval import main as rw_eval_main
 from utils.chat import render_response
 from utils.log import read_metrics
 from utils.losses import pairwise_reward_loss
+from utils.preference import Pair
 
 
 def test_loss_matches_hand_computation():
@@ -113,6 +115,25 @@ def test_rw_eval_matches_independent_computation_and_reload(trained_rm, rm_input
     # the training-time evaluation at the last step saw the same model
     assert read_metrics(trained_rm, "eval")[-1]["eval/margin"] == pytest.approx(overall["margin"], abs=1e-4)
     assert "hardest" in capsys.readouterr().out
+
+
+def test_length_split_says_which_way_a_model_pays():
+    """rw_eval's accuracy over pairs whose chosen reply is the longer / similar / the shorter (ratio 1.25),
+    degraded copies left out, and its verdict: a gap above 10 points pays for shortness or length."""
+    longer = [Pair("p", "好" * 20, "差" * 10)] * 25  # chosen 2x the rejected's length
+    shorter = [Pair("p", "好" * 10, "差" * 20)] * 25
+    similar = [Pair("p", "好" * 10, "差" * 11)] * 4 + [Pair("p", "好" * 40, "差", "degraded_copy")] * 3
+    pairs = longer + shorter + similar
+    chosen = [1.0] * len(pairs)
+    rejected = [0.0] * 10 + [2.0] * 15 + [0.0] * 25 + [2.0, 0.0, 0.0, 0.0] + [0.0] * 3  # longer: right in 10 of 25
+    split = length_split(pairs, chosen, rejected)
+    assert split["chosen_longer"] == {"pairs": 25, "accuracy": 0.4} and split["chosen_shorter"] == {"pairs": 25, "accuracy": 1.0}
+    assert split["similar"] == {"pairs": 4, "accuracy": 0.75}  # the degraded copies are not counted
+    assert split["gap"] == pytest.approx(0.6) and split["verdict"].startswith("PAYS FOR SHORTNESS: right in 100%")
+    flipped = length_split(shorter + longer, chosen[:50], rejected[:50])
+    assert flipped["gap"] == pytest.approx(-0.6) and flipped["verdict"].startswith("PAYS FOR LENGTH")
+    assert length_split(pairs, chosen, [0.0] * len(pairs))["verdict"].startswith("length-neutral")
+    assert "gap" not in length_split(longer[:19] + shorter, chosen[:44], rejected[:44])  # under 20 on a side
 
 
 def test_rw_eval_scores_prompt_rows_sorted(trained_rm, tmp_path, capsys):

@@ -44,10 +44,14 @@ def test_run_all_runs_every_step_and_writes_the_report(smoke):
         assert 0 <= json.loads((out / step / "eval.json").read_text())["win_rate"] <= 1
     assert {"sentiment_acc", "ner_f1"} <= set(json.loads((out / "step3_grpo" / "tasks.json").read_text()))
     assert (out / "step2_reward" / "rw_eval.json").is_file()
+    by_length = json.loads((out / "step2_reward" / "rw_eval_unmatched.json").read_text())["by_length"]
+    assert sum(by_length[k]["pairs"] for k in ("chosen_longer", "similar", "chosen_shorter")) == len(
+        (out / "data" / "eval" / "preference_unmatched.jsonl").read_text().splitlines()) > 0
     report = (out / "report.md").read_text(encoding="utf-8")
     assert all(f"## {name}" in report for name in ("Step 1: pretraining", "Step 1: supervised fine-tuning",
                                                    "Step 2: reward model", "Step 3: PPO", "Step 3: DPO",
                                                    "Step 3: GRPO (verifiable task rewards)"))
+    assert f"Length (rw_eval.py on eval/preference_unmatched.jsonl, held-out pairs not matched by length): {by_length['verdict']}." in report
     assert (out / "report.html").is_file() and list((out / "report").glob("*.png"))
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Step 2: train the pairwise reward model from the SFT model, then evaluate it on the held-out pairs.
 #   bash training_scripts/step2.sh [OUTPUT] [ZERO_STAGE]
-# Reads OUTPUT/step1_sft/final and DATA/{preference,eval} (DATA: DATA_DIR or OUTPUT/data); writes OUTPUT/step2_reward.
+# Reads OUTPUT/step1_sft/final and DATA/{preference,eval} (DATA: DATA_DIR or OUTPUT/data); writes OUTPUT/step2_reward
+# (final/, rw_eval.json on the held-out pairs, rw_eval_unmatched.json on those not matched by length).
 # The settings: recipes/step2_reward.yaml. Knobs overriding it: EPOCHS, MAX_SEQ_LEN, BATCH, LR, LORA_DIM,
 # DTYPE; RM_BASE (model dir to start from; default the SFT export), FAST=1, NUM_GPUS, HOSTFILE, FORCE=1
 # (see common.sh).
@@ -24,3 +25,7 @@ launch "$REPO/step2_reward_model/main.py" --config "$RECIPES/step2_reward.yaml" 
     --output_dir "$RUN"
 [ ${#EVAL[@]} -eq 0 ] || up_to_date "$RUN/rw_eval.json" "$RUN/done" || run "$PY" "$REPO/step2_reward_model/rw_eval.py" --model "$RUN/final" \
     --pairs "$DATA/eval/preference.jsonl" --max_seq_len "$(run_option "$RUN" max_seq_len)" --out "$RUN/rw_eval.json"
+# held-out pairs whose lengths differ: does the model pay for length? (rw_eval's by-length verdict)
+[ ! -s "$DATA/eval/preference_unmatched.jsonl" ] || up_to_date "$RUN/rw_eval_unmatched.json" "$RUN/done" || run "$PY" \
+    "$REPO/step2_reward_model/rw_eval.py" --model "$RUN/final" --pairs "$DATA/eval/preference_unmatched.jsonl" \
+    --probes false --max_seq_len "$(run_option "$RUN" max_seq_len)" --out "$RUN/rw_eval_unmatched.json"

@@ -267,6 +267,10 @@ def _headline(step: str, run: Path, sft_run: Path | None) -> str:
         if wins:
             worst = min(wins, key=wins.get)
             line += f"; beats its degraded copies in {_num(min(wins.values()), 2)} ({worst}) to {_num(max(wins.values()), 2)}"
+        by_length = read_json(run / "rw_eval_unmatched.json").get("by_length") or {}
+        if "gap" in by_length:
+            line += (f"; unmatched pairs, chosen longer {_num(by_length['chosen_longer']['accuracy'])} / "
+                     f"shorter {_num(by_length['chosen_shorter']['accuracy'])}")
         return line
     if step in ("ppo", "dpo"):
         report = read_json(run / "eval.json")
@@ -334,6 +338,10 @@ def _step_section(rep: Report, runs: list[tuple[str, Path]], step: str, run: Pat
         if hack:
             _hackability_table(rep, {"held-out chosen replies": hack}, "Hackability (rw_eval.py): share of held-out "
                                                                       "chosen replies scored above a degraded copy")
+        by_length = read_json(run / "rw_eval_unmatched.json").get("by_length")
+        if by_length:
+            rep.add("p", "Length (rw_eval.py on eval/preference_unmatched.jsonl, held-out pairs not matched by "
+                         f"length): {by_length['verdict']}.")
         plots.append(_plot(figs / f"{name}_loss.png", "Reward model loss",
                            {"train": _xy(train, "loss"), "held-out": _xy(evals, "loss")}, "loss"))
         plots.append(_plot(figs / f"{name}_accuracy.png", "Reward model accuracy",
