@@ -423,7 +423,7 @@ def test_demo_layout_and_stats(demo):
                                 "t6_continue"}
     assert sft.features == FEATURES["sft"] and load(demo, "rl")["train"].features == FEATURES["rl"]
     assert set(load(demo, "preference")["train"]["kind"]) == {"review_sentiment", "corrupted_answer", "degraded_copy"}
-    assert set(stats["eval"]) == {"preference", "prompts", "t1_sentiment", "t2_segmentation", "t3_ner",
+    assert set(stats["eval"]) == {"preference", "preference_unmatched", "prompts", "t1_sentiment", "t2_segmentation", "t3_ner",
                                   "t4_positive_review", "t5_review", "t6_continue", "t1_sentiment_typed",
                                   "t2_segmentation_typed", "t3_ner_typed"}
     assert stats["sft"]["train"] > 10_000 and stats["prompts"]["train"] == 1200
