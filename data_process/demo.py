@@ -323,9 +323,9 @@ class DemoBuilder:
         which one is chosen); plus P2 pairs that flip the T1 label of the first reviews used. Unmatched
         reviews go back to their pools."""
         flips = 0
+        ratio = (lambda p: 1.0) if to_eval else self.length_ratio
         for cat in CATEGORIES:
             chosen = pos.take(self.n(per_category), lambda u, c=cat: u.cat == c)
-            ratio = (lambda p: 1.0) if to_eval else self.length_ratio
             for p, r in self.match_lengths(chosen, pos, neg, lambda u, c=cat: u.cat == c, ratio):
                 units = (p.text, r.text)
                 prompt = review_prompt(T4 + T5, CATEGORY_TOPIC[cat], self.rng(p.text + r.text))
