@@ -36,8 +36,8 @@ class GRPOConfig(RLConfig):
     data_path: str = option("", "Rows {prompt, reference, task}: data_process's rl/ dir or a .jsonl.")
     eval_data: list[str] = option([], "Held-out rows (.jsonl files, same fields; several are taken in turn): "
                                       "greedy replies scored at every evaluation.")
-    reward_funcs: list[str] = option(["task"], "Reward functions: task, rm:DIR, length, repetition, "
-                                               "python:FILE.py:FUNC (utils/rewards.py).")
+    reward_funcs: list[str] = option(["task"], "Reward functions: task, rm:DIR, length, min_length:N, "
+                                               "repetition, python:FILE.py:FUNC (utils/rewards.py).")
     reward_weights: list[float] = option([], "One weight per reward function (none: all 1).")
     num_generations: int = option(8, "Replies sampled per prompt (the group size G, >= 2).")
     advantage_estimator: str = option("grpo", "Group advantages: grpo (mean and std), dr_grpo (mean), rloo "

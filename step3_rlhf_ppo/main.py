@@ -54,8 +54,8 @@ class PPOConfig(RLConfig):
     kl_horizon: int = option(10000, "Horizon of the adaptive KL controller (replies).")
     reward_clip: float = option(5.0, "Clip the reward model's score to +-this value (0 = off).")
     shaping_funcs: list[str] = option([], "Rule rewards added to the reward model's (clipped) score of each reply: "
-                                          "length, repetition, python:FILE.py:FUNC (utils/rewards.py); none by "
-                                          "default.")
+                                          "length, min_length:N, repetition, python:FILE.py:FUNC (utils/rewards.py); "
+                                          "none by default.")
     shaping_weights: list[float] = option([], "One weight per --shaping_funcs entry (none: all 1).")
     cliprange: float = option(0.2, "PPO policy ratio clip epsilon.")
     cliprange_value: float = option(0.2, "Value clip around the old values.")
@@ -63,6 +63,12 @@ class PPOConfig(RLConfig):
     lam: float = option(0.95, "GAE lambda.")
     whiten_advantages: bool = option(True, "Normalise advantages to mean 0, std 1 over each experience batch.")
     max_approx_kl: float = option(0.1, "Stop a PPO step's update early once a mini-batch's approx KL exceeds this (0 = off).")
+    # checkpoint choice by the held-out replies (--eval_prompts)
+    stop_repetition: float = option(0.0, "Stop once the held-out replies' share of repeated 4-grams passes this and "
+                                         "export the weights of the last evaluation under it (0 = off).")
+    stop_length_ratio: float = option(0.0, "Stop once the held-out replies' mean length falls under this share of "
+                                           "the first evaluation's and export the weights of the last evaluation "
+                                           "above it (0 = off).")
 
     def validate(self) -> None:
         super().validate()
@@ -70,7 +76,14 @@ class PPOConfig(RLConfig):
                 "give the step 2 reward model export (OUT/step2_reward/final)")
         require_positive(self, "kl_horizon")
         require_non_negative(self, "critic_lora_dim", "critic_weight_decay", "init_kl_coef", "target_kl",
-                             "reward_clip", "ptx_coef", "max_approx_kl")
+                             "reward_clip", "ptx_coef", "max_approx_kl", "stop_repetition", "stop_length_ratio")
+        if self.stop_repetition or self.stop_length_ratio:
+            flag = "stop_repetition" if self.stop_repetition else "stop_length_ratio"
+            require(bool(self.eval_prompts) and self.eval_interval > 0, flag, getattr(self, flag),
+                    "needs held-out prompts to judge: give --eval_prompts and an --eval_interval > 0")
+            require(self.save_interval % self.eval_interval == 0, "save_interval", self.save_interval,
+                    f"with --{flag}, checkpoints must fall on evaluations: use a multiple of --eval_interval "
+                    f"{self.eval_interval} (or 0)")
         self.require_batch_multiple()
         for name in ("critic_learning_rate", "cliprange", "cliprange_value"):
             require(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")

@@ -11,6 +11,8 @@ One PPO step:
      loss, both normalised by the response tokens of the whole global mini-batch, so one process and
      several give the same gradients. A pass stops early once a mini-batch's approx KL passes
      --max_approx_kl.
+With --stop_repetition / --stop_length_ratio, training stops at the first held-out evaluation whose replies
+degenerate, and the weights of the last evaluation within the limits are exported (utils.rl_trainer).
 The loop, sampling, the mini-batch update, checkpoints and samples are utils.rl_trainer's (shared with
 the group-relative path, grpo.py); this module adds the critic, the reference and the reward model.
 """
@@ -295,6 +297,9 @@ class PPOTrainer(RLTrainer):
 
     def summary(self) -> dict[str, Any]:
         return {"kl_coef": self.kl.value}
+
+    def degeneration_limits(self) -> tuple[float, float]:
+        return self.cfg.stop_repetition, self.cfg.stop_length_ratio
 
 
 def run_ppo(cfg, run_dir: Path, precision: Precision) -> dict[str, Any]:

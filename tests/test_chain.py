@@ -260,6 +260,21 @@ def test_report_finds_runs_by_the_step_they_declare(chain, tmp_path):
     assert (tmp_path / "report" / "dpo_beta_0.3_margin.png").is_file()
 
 
+def test_report_says_where_rl_stopped_on_degenerated_replies(chain, tmp_path):
+    from utils.report import build_report
+
+    run = tmp_path / "ppo_guarded"
+    shutil.copytree(chain / "step3_ppo", run, ignore=shutil.ignore_patterns("final*", "critic", "checkpoints"))
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    summary["stopped_degenerated"] = {"step": 4, "exported_step": 2, "eval": {},
+                                      "reason": "mean length 3.0 tokens < --stop_length_ratio 0.5 x 8.0 before training"}
+    (run / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    build_report(tmp_path)
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert ("| stopped early: held-out replies degenerated | at step 4 (mean length 3.0 tokens < --stop_length_ratio "
+            "0.5 x 8.0 before training); exported the weights of step 2 |") in md
+
+
 def test_gpu_check_table_and_base_check_on_cpu(chain, tmp_path, monkeypatch):
     """bench/gpu_check.py's two halves on CPU: the table reads each run of the chain (ok, tokens/s from its
     summary, no GPU memory here) and reports the base check missing as failed; the base check itself, on the

@@ -170,6 +170,8 @@ def test_shaping_rewards_and_a_user_function(tmp_path):
     assert repeated_ngram_share("很好很好很好很好") == pytest.approx(1 - 2 / 5)
     assert [f.weight for f in funcs] == [1.0, 2.0, 0.5]
     assert funcs[2](replies) == [1.0, 0.25]
+    floor = build_reward_functions(["min_length:4"], [], 8)[0]  # characters of the reply, spaces around it left out
+    assert floor(Replies(["p"] * 4, ["很好很好很好很好", " 一般 ", "", "好好好好"], [{}] * 4)) == [0.0, -0.5, -1.0, 0.0]
     for name, message in (("wrong_length", "returned 1 values for 2"), ("broken", "raised KeyError")):
         fn = build_reward_functions([f"python:{user}:{name}"], [], 8)[0]
         with pytest.raises(UserError, match=message):
@@ -182,7 +184,9 @@ def test_shaping_rewards_and_a_user_function(tmp_path):
     assert keyword(Replies(["p", "p"], ["谢谢，很好", "一般"], rows)) == [1.0, 0.0]
     for specs, weights, message in ((["nope"], [], "unknown reward function"), (["task"], [1.0, 2.0], "one weight"),
                                     ([f"python:{user}:missing"], [], "no function missing"),
-                                    (["python:/no/such.py:f"], [], "does not exist")):
+                                    (["python:/no/such.py:f"], [], "does not exist"),
+                                    (["min_length:0"], [], "min_length:N with N a whole number"),
+                                    (["min_length:"], [], "min_length:N with N a whole number")):
         with pytest.raises(UserError, match=message):
             build_reward_functions(specs, weights, 8)
 

@@ -21,6 +21,7 @@ from helpers import (
 from utils.generation import SamplingConfig, left_pad, sample_tokens
 from utils.rl import (
     KLController,
+    degeneration,
     gae,
     kl_penalised_rewards,
     masked_whiten,
@@ -99,6 +100,16 @@ def test_whitening_and_kl_controller():
     assert adaptive.value == pytest.approx(0.1 * (1 + 0.2 * 100 / 1000))
     adaptive.update(5.4, 100)  # error -0.1
     assert adaptive.value == pytest.approx(0.1 * 1.02 * (1 - 0.1 * 0.1))
+
+
+def test_degeneration_says_which_limit_the_held_out_replies_broke():
+    first = {"eval_repetition": 0.02, "eval_length": 20.0}
+    assert degeneration({"eval_repetition": 0.09, "eval_length": 12.0}, first, 0.1, 0.6) == ""
+    assert degeneration({"eval_repetition": 0.5, "eval_length": 2.0}, first, 0.0, 0.0) == ""  # both off
+    assert "repeated 4-grams 0.110 > --stop_repetition 0.1" in degeneration(
+        {"eval_repetition": 0.11, "eval_length": 30.0}, first, 0.1, 0.6)
+    assert "mean length 11.9 tokens < --stop_length_ratio 0.6 x 20.0" in degeneration(
+        {"eval_repetition": 0.0, "eval_length": 11.9}, first, 0.1, 0.6)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -322,6 +333,8 @@ def base_args(dirs: Path, out: Path) -> list[str]:
     (True, [], "reward", True),  # a reward model where the actor is expected
     (False, ["--per_device_generation_batch_size", "5"], "multiple of", False),
     (False, ["--offload_reference_model"], "actor_zero_stage 3", False),
+    (False, ["--stop_repetition", "0.1", "--eval_interval", "0"], "needs held-out prompts", False),
+    (False, ["--stop_length_ratio", "0.5", "--eval_interval", "2", "--save_interval", "3"], "checkpoints must fall", False),
 ])
 def test_bad_input_one_line_exit_2(ppo_dirs, tmp_path, capsys, swap, extra, expected, subprocess_run):
     """One error line, exit 2, no final/: through the real command line once, in this process for the rest."""
@@ -341,6 +354,25 @@ def test_bad_input_one_line_exit_2(ppo_dirs, tmp_path, capsys, swap, extra, expe
     lines = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and expected in lines[0] and "Traceback" not in stderr
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_degenerated_replies_stop_training_and_export_the_last_good_weights(ppo_dirs, tmp_path):
+    """A length floor no reply can reach (100 x the first evaluation's) fails the first evaluation after
+    training: PPO stops there and exports the weights saved at the evaluation before it, the SFT model's."""
+    from safetensors.torch import load_file
+
+    from step3_rlhf_ppo.main import main as ppo_main
+    from utils.log import read_metrics
+
+    summary = ppo_main([*base_args(ppo_dirs, tmp_path), "--max_steps", "6", "--eval_interval", "2",
+                        "--save_interval", "0", "--stop_length_ratio", "100"])
+    stop = summary["stopped_degenerated"]
+    assert stop["step"] == 2 and stop["exported_step"] == 0 and "--stop_length_ratio 100" in stop["reason"]
+    assert summary["steps"] == 2 and summary["final_eval"] == summary["first_eval"]
+    assert [r["step"] for r in read_metrics(tmp_path, "eval")] == [0, 2]
+    sft, final = load_file(ppo_dirs / "sft" / "model.safetensors"), load_file(tmp_path / "final" / "model.safetensors")
+    assert sft.keys() == final.keys() and all(torch.equal(sft[k], final[k]) for k in sft)
+    assert len(read_metrics(tmp_path, "train")) == 2 and (tmp_path / "done").is_file()
 
 
 def test_sigkill_then_resume_is_bit_exact(ppo_dirs, tmp_path):

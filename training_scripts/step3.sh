@@ -7,8 +7,9 @@
 # The settings: recipes/step3_ppo.yaml. Knobs overriding it: STEPS,
 # GEN_BATCH, TRAIN_BATCH, ACTOR_LR, CRITIC_LR, KL, TARGET_KL, KL_HORIZON, TEMPERATURE, ANSWER_LEN,
 # ACTOR_LORA_DIM, SHAPING (rule rewards added to the reward model's score, space-separated; "" = none; its
-# weights are then 1 each unless SHAPING_WEIGHTS says otherwise), SHAPING_WEIGHTS, EMA=1, HYBRID_ENGINE=1
-# (CUDA), DTYPE; FAST=1, NUM_GPUS, HOSTFILE, FORCE=1 (see common.sh).
+# weights are then 1 each unless SHAPING_WEIGHTS says otherwise), SHAPING_WEIGHTS, STOP_REPETITION and
+# STOP_LENGTH_RATIO (stop when the held-out replies degenerate; 0 = off), EMA=1, HYBRID_ENGINE=1 (CUDA),
+# DTYPE; FAST=1, NUM_GPUS, HOSTFILE, FORCE=1 (see common.sh).
 # On a GPU with the base preset: DTYPE=bf16 HYBRID_ENGINE=1 GEN_BATCH=32 TRAIN_BATCH=16 bash training_scripts/step3.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 OUTPUT="${5:-$OUTPUT}"
@@ -33,6 +34,7 @@ knob max_steps STEPS; knob per_device_generation_batch_size GEN_BATCH; knob per_
 knob actor_learning_rate ACTOR_LR; knob critic_learning_rate CRITIC_LR; knob init_kl_coef KL; knob target_kl TARGET_KL
 knob kl_horizon KL_HORIZON; knob temperature TEMPERATURE; knob max_answer_seq_len ANSWER_LEN
 knob actor_lora_dim ACTOR_LORA_DIM; knob shaping_funcs SHAPING; knob shaping_weights SHAPING_WEIGHTS
+knob stop_repetition STOP_REPETITION; knob stop_length_ratio STOP_LENGTH_RATIO
 knob enable_ema EMA; knob enable_hybrid_engine HYBRID_ENGINE; knob dtype DTYPE
 launch "$REPO/step3_rlhf_ppo/main.py" --config "$RECIPES/step3_ppo.yaml" \
     --actor_model_name_or_path "$ACTOR_MODEL_PATH" \

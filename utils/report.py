@@ -165,6 +165,9 @@ def _run_facts(run: Path) -> list[list[Any]]:
              ["tokens/s", tok_s]]
     if "generation_share" in summary:
         facts.append(["share of time generating", summary["generation_share"]])
+    if stop := summary.get("stopped_degenerated"):
+        facts.append(["stopped early: held-out replies degenerated", f"at step {stop['step']} ({stop['reason']}); "
+                      f"exported the weights of step {stop['exported_step']}"])
     return [f for f in facts if f[1] is not None]
 
 

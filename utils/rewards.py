@@ -6,6 +6,8 @@
     rm:DIR          a step 2 reward model's score of prompt + reply
     length          0 up to the last quarter of --max_answer_seq_len, then falling linearly to -1 for a
                     reply cut at the limit (DAPO's soft overlong punishment)
+    min_length:N    0 for a reply of N characters or more, falling linearly to -1 for an empty one (a floor
+                    against a policy that learns to say less, e.g. PPO on a reward model that pays for brevity)
     repetition      minus the share of the reply's character 4-grams that repeat an earlier one
     python:FILE.py:FUNC   a function of yours: FUNC(prompts, completions, rows) -> list of floats, one per
                     completion (rows: the data rows, extra fields included); see docs/examples/rewards.py
@@ -26,8 +28,6 @@ from typing import Any
 from utils.errors import UserError
 from utils.preference import load_rows
 from utils.tasks import SCORERS, parse_entities, score_ner, score_sentiment
-
-BUILT_IN = ("task", "length", "repetition")
 
 
 @dataclass
@@ -124,6 +124,12 @@ def length_penalty(max_len: int) -> Callable[[Replies], list[float]]:
     return penalty
 
 
+def min_length_penalty(min_chars: int) -> Callable[[Replies], list[float]]:
+    def penalty(replies: Replies) -> list[float]:
+        return [-max(min_chars - len(c.strip()), 0) / min_chars for c in replies.completions]
+    return penalty
+
+
 def repeated_ngram_share(text: str, n: int = 4) -> float:
     """Share of the text's character n-grams that repeat an earlier one (0 for a text without repeats)."""
     grams = [text[i:i + n] for i in range(len(text) - n + 1)]
@@ -176,8 +182,8 @@ def build_reward_functions(specs: Sequence[str], weights: Sequence[float], max_l
     """The reward functions of --reward_funcs with their --reward_weights (all 1 when none are given).
     `model_reward(dir)` builds an rm:DIR scorer (it needs the run's tokenizer, batch and precision)."""
     if not specs:
-        raise UserError("--reward_funcs is empty: name at least one of task, rm:DIR, length, repetition, "
-                        "python:FILE.py:FUNC")
+        raise UserError("--reward_funcs is empty: name at least one of task, rm:DIR, length, min_length:N, "
+                        "repetition, python:FILE.py:FUNC")
     if weights and len(weights) != len(specs):
         raise UserError(f"--reward_weights has {len(weights)} values for {len(specs)} --reward_funcs: give one "
                         "weight per function (or none for all 1)")
@@ -191,6 +197,8 @@ def build_reward_functions(specs: Sequence[str], weights: Sequence[float], max_l
             funcs.append(RewardFunction(spec, weight, length_penalty(max_len)))
         elif spec == "repetition":
             funcs.append(RewardFunction(spec, weight, repetition_penalty))
+        elif spec.startswith("min_length:"):
+            funcs.append(RewardFunction(spec, weight, min_length_penalty(_positive_int(spec))))
         elif spec.startswith("rm:") and model_reward is not None:
             if not Path(spec[3:]).is_dir():
                 raise UserError(f"--reward_funcs {spec}: {spec[3:]} is not a directory: give a step 2 export")
@@ -199,8 +207,15 @@ def build_reward_functions(specs: Sequence[str], weights: Sequence[float], max_l
             funcs.append(RewardFunction(spec, weight, user_function(spec)))
         else:
             raise UserError(f"--reward_funcs {spec}: unknown reward function: use task, rm:DIR, length, "
-                            "repetition or python:FILE.py:FUNC")
+                            "min_length:N, repetition or python:FILE.py:FUNC")
     return funcs
+
+
+def _positive_int(spec: str) -> int:
+    name, _, value = spec.partition(":")
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"--reward_funcs {spec}: write {name}:N with N a whole number of characters >= 1")
+    return int(value)
 
 
 def load_rl_rows(path: str | Path, split: str, funcs: Sequence[RewardFunction], flag: str) -> list[dict[str, Any]]:

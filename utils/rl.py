@@ -85,6 +85,20 @@ def kl_penalised_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, sco
     return rewards, kl
 
 
+def degeneration(evaluation: dict[str, float], first: dict[str, float], max_repetition: float,
+                 min_length_ratio: float) -> str:
+    """Why held-out replies count as degenerate, '' when they do not: their share of repeated character
+    4-grams (`eval_repetition`) above `max_repetition`, or their mean length in tokens (`eval_length`) under
+    `min_length_ratio` x the `first` evaluation's (the one before training). A limit of 0 is off."""
+    if max_repetition > 0 and evaluation["eval_repetition"] > max_repetition:
+        return f"repeated 4-grams {evaluation['eval_repetition']:.3f} > --stop_repetition {max_repetition:g}"
+    floor = min_length_ratio * first.get("eval_length", 0.0)
+    if min_length_ratio > 0 and evaluation["eval_length"] < floor:
+        return (f"mean length {evaluation['eval_length']:.1f} tokens < --stop_length_ratio {min_length_ratio:g} x "
+                f"{first['eval_length']:.1f} before training")
+    return ""
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
         lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over response tokens only (Schulman et al. 2016, eq. 16):

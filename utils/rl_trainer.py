@@ -40,7 +40,7 @@ from utils.hybrid import GenerationSwitch, hybrid_engine_section, hybrid_engine_
 from utils.log import MetricsLogger, peak_gpu_mib, peak_rss_mib, progress
 from utils.model import count_parameters, load_causal_lm
 from utils.rewards import Replies, RewardFunction
-from utils.rl import entropy_from_logits, token_logprobs
+from utils.rl import degeneration, entropy_from_logits, token_logprobs
 from utils.step import prepare_model
 from utils.tokenizer import load_tokenizer_dir
 from utils.trainer import LoopState, MicroBatchStream
@@ -235,6 +235,7 @@ class RLTrainer:
         self.stops = stop_token_ids(tokenizer)
         self.device = actor.device
         self.state = LoopState()
+        self.evals_seen: dict[str, dict[str, float]] = {"first": {}, "passed": {}}  # before training; the last within limits
         self.plan = MicroBatchPlan(len(prompts), cfg.per_device_generation_batch_size, get_world_size(), get_rank(),
                                    cfg.seed)
         self.checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.keep_last)
@@ -398,6 +399,11 @@ class RLTrainer:
     def summary(self) -> dict[str, Any]:
         return {}
 
+    def degeneration_limits(self) -> tuple[float, float]:
+        """(max repeated-4-gram share, min length ratio to the first evaluation) of the held-out replies past
+        which training stops and the last evaluation's weights that passed are exported; 0 = no limit."""
+        return 0.0, 0.0
+
     def eval_batches(self):
         """The held-out prompts in rank-sharded batches: (batch, real) pairs (utils.data)."""
         return sharded_eval_batches(self.evals, self.collate, self.cfg.per_device_eval_batch_size,
@@ -425,18 +431,34 @@ class RLTrainer:
             path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
 
     def save(self) -> None:
-        self.checkpoints.save(self.engines(), self.state.step, {"loop": asdict(self.state), **self.extra_state()},
-                              self.extra_tensors())
+        self.checkpoints.save(self.engines(), self.state.step, {"loop": asdict(self.state), "evals": self.evals_seen,
+                                                                **self.extra_state()}, self.extra_tensors())
+
+    def load(self, path: Path) -> dict[str, Any]:
+        state = self.checkpoints.load(self.engines(), path)
+        self.evals_seen = state.get("evals", {"first": {}, "passed": {}})
+        self.load_extra_state(state, path)
+        return state
 
     def resume(self) -> bool:
         path = self.checkpoints.latest() if self.cfg.resume else None
         if path is None:
             return False
-        state = self.checkpoints.load(self.engines(), path)
-        self.state = LoopState(**state["loop"])
-        self.load_extra_state(state, path)
+        self.state = LoopState(**self.load(path)["loop"])
         log.info("resumed from %s (%s step %d)", path, self.name, self.state.step)
         return True
+
+    def stop_degenerated(self, step: int, evaluation: dict[str, float]) -> dict[str, Any] | None:
+        """None while the held-out replies stay within `degeneration_limits`; else the engines go back to the
+        latest checkpoint (saved at the last evaluation that passed) and the stop is described."""
+        why = degeneration(evaluation, self.evals_seen["first"], *self.degeneration_limits())
+        if not why:
+            self.evals_seen["passed"] = evaluation
+            return None
+        back = self.load(self.checkpoints.latest())["loop"]["step"]
+        log.warning("step %d: the held-out replies degenerated (%s): training stops, and the weights of step %d, the "
+                    "last evaluation within the limits, are exported", step, why, back)
+        return {"step": step, "reason": why, "exported_step": back, "eval": evaluation}
 
     # -- the loop -------------------------------------------------------------------------------------
 
@@ -457,13 +479,17 @@ class RLTrainer:
         self._truncate_samples(self.state.step if resumed else -1)
         stream = MicroBatchStream(self.prompts, self.collate, self.plan, self.state, self.device)
         bar = progress(self.total_steps, self.state.step, desc=self.name)
-        last_eval: dict[str, float] = {}
-        first_eval: dict[str, float] = {}
         record: dict[str, Any] = {}
+        stopped: dict[str, Any] | None = None
         wall_start, gen_total, step_total = time.perf_counter(), 0.0, 0.0
+        guarded = bool(self.evals) and cfg.eval_interval > 0 and any(self.degeneration_limits())
         if not resumed and cfg.eval_interval:
-            first_eval = last_eval = self.evaluate()
-            metrics.log({"step": 0, "kind": "eval", **last_eval})
+            self.evals_seen = {"first": self.evaluate()}
+            self.evals_seen["passed"] = self.evals_seen["first"]
+            metrics.log({"step": 0, "kind": "eval", **self.evals_seen["first"]})
+            if guarded:  # the weights to go back to if the first evaluation after training fails
+                self.save()
+        last_eval = self.evals_seen["passed"]
         while self.state.step < self.total_steps:
             record, exp = self.run_step(next(stream))
             self.state.step += 1
@@ -478,12 +504,16 @@ class RLTrainer:
                 self.write_samples(step, exp)
             bar.update(1)
             bar.set_postfix({label: f"{record[key]:.3f}" for label, key in self.postfix.items()})
-            if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == self.total_steps:
+            evaluated = (cfg.eval_interval and step % cfg.eval_interval == 0) or step == self.total_steps
+            if evaluated:
                 last_eval = self.evaluate()
                 if last_eval:
                     metrics.log({"step": step, "kind": "eval", **last_eval})
                     log.info("step %d eval: %s", step, json.dumps({k: round(v, 4) for k, v in last_eval.items()}))
-            if (cfg.save_interval and step % cfg.save_interval == 0) or step == self.total_steps:
+                if guarded and (stopped := self.stop_degenerated(step, last_eval)):
+                    last_eval = self.evals_seen["passed"]
+                    break
+            if (cfg.save_interval and step % cfg.save_interval == 0) or step == self.total_steps or (guarded and evaluated):
                 self.save()
         bar.close()
         metrics.close()
@@ -491,4 +521,5 @@ class RLTrainer:
                 "wall_seconds": round(time.perf_counter() - wall_start, 3),
                 "generation_share": gen_total / step_total if step_total else math.nan, "peak_rss_mib": peak_rss_mib(),
                 "peak_gpu_mib": peak_gpu_mib(), "final_train": {k: v for k, v in record.items() if isinstance(v, float)},
-                "first_eval": first_eval, "final_eval": last_eval, **self.summary()}
+                "first_eval": self.evals_seen["first"], "final_eval": last_eval, "stopped_degenerated": stopped,
+                **self.summary()}
