@@ -35,7 +35,7 @@ def test_run_all_runs_every_step_and_writes_the_report(smoke):
     assert pretrain["preset"] == "nano" and pretrain["learning_rate"] == 2e-3 and pretrain["num_warmup_steps"] == 100
     assert json.loads((out / "step0" / "config.json").read_text())["vocab_size"] == 600
     ppo = json.loads((out / "step3_ppo" / "config.json").read_text())
-    assert ppo["shaping_funcs"] == ["repetition"] and ppo["shaping_weights"] == [2.0] and ppo["max_steps"] == 6
+    assert ppo["shaping_funcs"] == ["repetition", "min_length:40"] and ppo["shaping_weights"] == [2.0, 2.0] and ppo["max_steps"] == 6
     for step in STEPS:
         assert (out / step / "done").is_file() and (out / step / "final" / "config.json").is_file(), step
     launched = [ln for ln in first.stderr.splitlines() if ln.startswith("+ ") and "deepspeed.launcher.runner" in ln]
